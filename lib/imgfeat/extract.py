@@ -1,0 +1,236 @@
+"""The extract job: image folder -> features table + errors table, incrementally."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+from imgfeat.backbones import get_backbone
+from imgfeat.config import Config
+from imgfeat.decode import EMPTY_FILE, TOO_LARGE, UNREADABLE, DecodeOptions
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+log = logging.getLogger(__name__)
+
+FINGERPRINT = ["file_length", "file_modification_time"]
+
+
+@dataclass
+class ExtractResult:
+    listed: int  # image files found under the input folder
+    ignored_other_files: int  # files with other extensions (not images)
+    already_done: int  # skipped: already in the features or errors table with the same fingerprint
+    processed: int  # files handled by this run (= featurized + failed)
+    featurized: int
+    failed: int
+    replaced: int  # changed files whose old rows were replaced
+    features_path: str
+    errors_path: str
+    format: str
+    model: str
+    weights_id: str
+    seconds: float
+
+    def summary(self) -> str:
+        return (
+            f"[imgfeat] extract {self.model} ({self.weights_id[:40]}): listed {self.listed} image files "
+            f"({self.ignored_other_files} other files ignored); {self.already_done} already done; "
+            f"processed {self.processed} = featurized {self.featurized} + failed {self.failed}"
+            f"{f' ({self.replaced} changed files replaced)' if self.replaced else ''} in {self.seconds:.1f}s\n"
+            f"[imgfeat]   features ({self.format}): {self.features_path}\n"
+            f"[imgfeat]   errors   ({self.format}): {self.errors_path}"
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def decode_options(cfg: Config, size: int | None = None) -> DecodeOptions:
+    p = cfg.preprocess
+    return DecodeOptions(
+        size=size or p.image_size or get_backbone(cfg.model.name).input_size,
+        resize_mode=p.resize_mode,
+        resample=p.resample,
+        high_bit_depth=p.high_bit_depth,
+        max_pixels=p.max_pixels,
+        jpeg_draft=p.jpeg_draft,
+        formats=tuple(f.upper() for f in p.formats),
+    )
+
+
+def featurize_contents(spark: SparkSession, cfg: Config, contents: DataFrame, weights_id: str, arrays: list) -> DataFrame:
+    """Add the UDF's result columns (features or error) to a DataFrame with a ``content`` column."""
+    from pyspark.sql import functions as F
+
+    from imgfeat.featurize import RESULT_FIELDS, FeaturizeSpec, featurize_udf
+    from imgfeat.session import tf_threads_for
+
+    spec = FeaturizeSpec(
+        model_name=cfg.model.name,
+        weights_id=weights_id,
+        decode=decode_options(cfg),
+        batch_size=cfg.inference.batch_size,
+        tf_threads=tf_threads_for(spark, cfg.inference.tf_threads),
+        device=cfg.inference.device,
+        mixed_precision=cfg.inference.mixed_precision,
+        decode_threads=cfg.inference.decode_threads,
+        float16_column=cfg.output.float16_column,
+    )
+    broadcast = spark.sparkContext.broadcast(arrays)
+    udf = featurize_udf(spec, broadcast)
+    with_result = contents.withColumn("_r", udf(F.col("content"))).drop("content")
+    return with_result.select("*", *[F.col(f"_r.{f}").alias(f) for f in RESULT_FIELDS]).drop("_r")
+
+
+def _existing_keys(spark: SparkSession, cfg: Config, fmt: str, weights_id: str) -> DataFrame | None:
+    from pyspark.sql import functions as F
+
+    from imgfeat.storage import read_table, table_exists
+
+    frames = []
+    for location in (cfg.output.path, cfg.errors_path):
+        if table_exists(spark, location, fmt):
+            frames.append(read_table(spark, location, fmt).select("path", "model", "weights_id", *FINGERPRINT))
+    if not frames:
+        return None
+    keys = frames[0] if len(frames) == 1 else frames[0].unionByName(frames[1])
+    return keys.filter((F.col("model") == cfg.model.name) & (F.col("weights_id") == weights_id)).dropDuplicates(
+        ["path", *FINGERPRINT]
+    )
+
+
+def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
+    """List, skip what is done, featurize the rest, write features and errors; return the counts."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    from imgfeat.ingest import list_files, read_contents
+    from imgfeat.storage import append_rows, resolve_format
+    from imgfeat.weights import resolve_weights
+
+    if not cfg.output.path:
+        raise ValueError("no output location: pass --output PATH (or set output.path)")
+    started = time.time()
+    fmt = resolve_format(spark, cfg.output.format)
+    backbone = get_backbone(cfg.model.name)
+    log.info("resolving %s weights=%s", backbone.name, cfg.model.weights)
+    resolved = resolve_weights(backbone, cfg.model.weights, cfg.model.seed, cfg.model.weights_sha256)
+    run_id = uuid.uuid4().hex[:12]
+
+    images, others = list_files(spark, cfg)
+    images = images.persist(StorageLevel.MEMORY_AND_DISK)
+    n_listed = images.count()
+    n_other = others.count()
+    existing = _existing_keys(spark, cfg, fmt, resolved.weights_id)
+    if existing is None or cfg.output.mode == "overwrite":
+        todo = images
+        replace = existing.select("path").distinct() if existing is not None else None
+    else:
+        todo = images.join(existing.select("path", *FINGERPRINT), on=["path", *FINGERPRINT], how="left_anti")
+        replace = todo.join(existing.select("path").distinct(), on="path", how="left_semi").select("path")
+    todo = todo.persist(StorageLevel.MEMORY_AND_DISK)
+    n_todo = todo.count()
+    n_replaced = replace.count() if replace is not None else 0
+    if not n_replaced:
+        replace = None
+    meta = [
+        F.lit(backbone.name).alias("model"),
+        F.lit(resolved.weights_id).alias("weights_id"),
+        F.lit(run_id).alias("run_id"),
+        F.current_timestamp().alias("extracted_at"),
+    ]
+    featurized = failed = 0
+    if n_todo:
+        log.info("featurizing %d of %d files with %s", n_todo, n_listed, backbone.name)
+        contents = read_contents(spark, cfg, todo, n_todo, n_listed)
+        attrs = todo.drop("file_length", "file_modification_time")
+        rows = featurize_contents(
+            spark,
+            cfg,
+            contents.select(
+                "path",
+                "content",
+                F.col("length").alias("file_length"),
+                F.col("modificationTime").alias("file_modification_time"),
+            ),
+            resolved.weights_id,
+            resolved.arrays,
+        ).join(attrs, on="path", how="inner")
+        # Files never read: too large to read, or gone between listing and reading.
+        unread = (
+            todo.join(contents.select("path"), on="path", how="left_anti")
+            .withColumn(
+                "error_class",
+                F.when(F.col("file_length") == 0, F.lit(EMPTY_FILE))
+                .when(F.col("file_length") > cfg.input.max_file_bytes, F.lit(TOO_LARGE))
+                .otherwise(F.lit(UNREADABLE)),
+            )
+            .withColumn(
+                "error_message",
+                F.when(F.col("error_class") == EMPTY_FILE, F.lit("the file is empty (0 bytes)"))
+                .when(
+                    F.col("error_class") == TOO_LARGE,
+                    F.concat(
+                        F.lit("file is "),
+                        F.col("file_length").cast("string"),
+                        F.lit(f" bytes, over input.max_file_bytes={cfg.input.max_file_bytes}"),
+                    ),
+                )
+                .otherwise(F.lit("the file could not be read (it disappeared or is unreadable since listing)")),
+            )
+        )
+        rows = rows.persist(StorageLevel.MEMORY_AND_DISK)
+        feature_rows = rows.filter(F.col("error_class").isNull()).select(
+            "image_id", "path", "rel_path", "label", "split",
+            "features", "features_f16", *meta,
+            F.lit(backbone.feature_dim).alias("feature_dim"),
+            "width", "height", "source_mode", "format", *FINGERPRINT,
+        )
+        error_cols = ["image_id", "path", "rel_path", "label", "split", "error_class", "error_message", *FINGERPRINT]
+        error_rows = (
+            rows.filter(F.col("error_class").isNotNull()).select(*error_cols)
+            .unionByName(unread.select(*error_cols))
+            .select(*error_cols[:5], *meta, *error_cols[5:])
+        )
+        append_rows(spark, feature_rows, cfg.output.path, fmt, replace=_keys(replace, backbone.name, resolved.weights_id))
+        append_rows(spark, error_rows, cfg.errors_path, fmt, replace=_keys(replace, backbone.name, resolved.weights_id))
+        counts = {r["ok"]: r["n"] for r in rows.groupBy(F.col("error_class").isNull().alias("ok")).agg(F.count("*").alias("n")).collect()}
+        featurized = counts.get(True, 0)
+        failed = counts.get(False, 0) + unread.count()
+        rows.unpersist()
+    todo.unpersist()
+    images.unpersist()
+    result = ExtractResult(
+        listed=n_listed,
+        ignored_other_files=n_other,
+        already_done=n_listed - n_todo,
+        processed=n_todo,
+        featurized=featurized,
+        failed=failed,
+        replaced=n_replaced,
+        features_path=cfg.output.path,
+        errors_path=cfg.errors_path or "",
+        format=fmt,
+        model=backbone.name,
+        weights_id=resolved.weights_id,
+        seconds=time.time() - started,
+    )
+    if featurized + failed != n_todo:
+        raise RuntimeError(
+            f"accounting mismatch: {n_todo} files to process but {featurized} featurized + {failed} failed; "
+            "the tables were written, please report this with the input folder's listing"
+        )
+    return result
+
+
+def _keys(replace: DataFrame | None, model: str, weights_id: str) -> DataFrame | None:
+    from pyspark.sql import functions as F
+
+    if replace is None:
+        return None
+    return replace.select("path", F.lit(model).alias("model"), F.lit(weights_id).alias("weights_id"))

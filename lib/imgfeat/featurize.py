@@ -1,0 +1,111 @@
+"""Batched featurization: image bytes -> (features | error) per row, as a Spark pandas UDF.
+
+``featurize_batch`` is plain pandas/NumPy (testable without Spark); ``featurize_udf`` wraps it in an
+iterator pandas UDF that builds the model once per Python worker and reuses it for every batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from imgfeat.decode import DECODE_FAILED, DecodeError, DecodeOptions, decode_image
+
+if TYPE_CHECKING:
+    from pyspark.sql import Column
+
+RESULT_DDL = (
+    "features array<float>, features_f16 binary, width int, height int, source_mode string, "
+    "format string, error_class string, error_message string"
+)
+RESULT_FIELDS = ["features", "features_f16", "width", "height", "source_mode", "format", "error_class", "error_message"]
+
+
+@dataclass(frozen=True)
+class FeaturizeSpec:
+    """Everything a worker needs, small and picklable (the weights travel as a broadcast)."""
+
+    model_name: str
+    weights_id: str
+    decode: DecodeOptions
+    batch_size: int = 32
+    tf_threads: int = 1
+    device: str = "auto"
+    mixed_precision: bool = False
+    decode_threads: int = 1
+    float16_column: bool = False
+
+
+def _decode_one(data: Any, options: DecodeOptions) -> Any:
+    try:
+        return decode_image(None if data is None else bytes(data), options)
+    except DecodeError as exc:
+        return exc
+    except Exception as exc:  # never let one file fail the batch
+        return DecodeError(DECODE_FAILED, f"unexpected {type(exc).__name__}: {exc}")
+
+
+def featurize_batch(
+    contents: pd.Series,
+    predict: Callable[[np.ndarray], np.ndarray],
+    spec: FeaturizeSpec,
+    pool: ThreadPoolExecutor | None = None,
+) -> pd.DataFrame:
+    """Decode every row, run the model on the decodable ones in chunks, return one result row each."""
+    n = len(contents)
+    decoded = list(pool.map(lambda d: _decode_one(d, spec.decode), contents)) if pool else [
+        _decode_one(d, spec.decode) for d in contents
+    ]
+    out: dict[str, list[Any]] = {name: [None] * n for name in RESULT_FIELDS}
+    ok = [i for i, d in enumerate(decoded) if not isinstance(d, DecodeError)]
+    for i, d in enumerate(decoded):
+        if isinstance(d, DecodeError):
+            out["error_class"][i] = d.error_class
+            out["error_message"][i] = d.message
+        else:
+            out["width"][i], out["height"][i] = d.width, d.height
+            out["source_mode"][i], out["format"][i] = d.source_mode, d.format
+    size = spec.decode.size
+    for start in range(0, len(ok), spec.batch_size):
+        idx = ok[start : start + spec.batch_size]
+        batch = np.empty((len(idx), size, size, 3), dtype=np.float32)
+        for j, i in enumerate(idx):
+            batch[j] = decoded[i].array
+        feats = np.asarray(predict(batch), dtype=np.float32)
+        for j, i in enumerate(idx):
+            out["features"][i] = feats[j]
+            if spec.float16_column:
+                out["features_f16"][i] = feats[j].astype(np.float16).tobytes()
+    return pd.DataFrame(out)
+
+
+def featurize_udf(spec: FeaturizeSpec, weights_broadcast: Any) -> Callable[[Column], Column]:
+    """An iterator pandas UDF: content (binary) -> struct(RESULT_DDL)."""
+    from pyspark.sql import functions as F
+
+    def featurize(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
+        from imgfeat.runtime import get_predictor
+
+        predict = get_predictor(
+            spec.model_name,
+            spec.weights_id,
+            lambda: weights_broadcast.value,
+            threads=spec.tf_threads,
+            device=spec.device,
+            mixed_precision=spec.mixed_precision,
+            input_size=spec.decode.size,
+        )
+        pool = ThreadPoolExecutor(spec.decode_threads) if spec.decode_threads > 1 else None
+        try:
+            for contents in batches:
+                yield featurize_batch(contents, predict, spec, pool)
+        finally:
+            if pool:
+                pool.shutdown()
+
+    return F.pandas_udf(featurize, RESULT_DDL).asNondeterministic()  # type: ignore[call-overload]

@@ -1,0 +1,197 @@
+"""List image files into a DataFrame: path, fingerprint, label, split and a stable image id.
+
+Listing never reads file contents (Spark prunes binaryFile's content column), so it is cheap even
+for millions of files; contents are read later, only for the files that need processing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import TYPE_CHECKING
+
+from imgfeat.config import Config
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+log = logging.getLogger(__name__)
+
+# Above this many files to read, read the whole root and semi-join instead of listing paths.
+MAX_EXPLICIT_PATHS = 20_000
+
+
+class InputError(ValueError):
+    """The input folder or manifest is missing or unusable."""
+
+
+def qualify(spark: SparkSession, path: str) -> str:
+    """The fully qualified form Spark uses in its ``path`` column (e.g. file:/abs/dir)."""
+    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", path) and not re.match(r"^[a-zA-Z]:\\", path):
+        qualified = path
+    else:
+        qualified = "file:" + os.path.abspath(path)
+    try:
+        jvm = spark.sparkContext._jvm  # type: ignore[union-attr]
+        jpath = jvm.org.apache.hadoop.fs.Path(qualified)
+        fs = jpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())  # type: ignore[union-attr]
+        if not fs.exists(jpath):
+            raise InputError(f"input folder {path!r} does not exist (looked for {qualified})")
+        qualified = fs.makeQualified(jpath).toString()
+    except InputError:
+        raise
+    except Exception:  # Spark Connect / no JVM access: trust the string
+        pass
+    return qualified.rstrip("/")
+
+
+def _extension_filter(extensions: list[str]):
+    from pyspark.sql import functions as F
+
+    exts = [e.lower().lstrip(".") for e in extensions]
+    return F.lower(F.regexp_extract(F.col("path"), r"\.([^./]+)$", 1)).isin(exts)
+
+
+def list_files(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFrame]:
+    """(images, others): every visible file under input.path, split by extension.
+
+    ``images`` has path, rel_path, file_length, file_modification_time, image_id, label, split.
+    Hidden files and folders (names starting with '.' or '_') are skipped by Spark's listing.
+    """
+    from pyspark.sql import functions as F
+
+    if not cfg.input.path:
+        raise InputError("no input folder: pass --input DIR (or set input.path)")
+    root = qualify(spark, cfg.input.path)
+    raw = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(root)
+    listing = raw.select(
+        F.col("path"),
+        F.col("length").alias("file_length"),
+        F.col("modificationTime").alias("file_modification_time"),
+    )
+    # Spark's file scans skip zero-byte files; take them from the file index so they are not lost.
+    empties = (
+        _input_files(spark, raw)
+        .join(listing.select("path"), on="path", how="left_anti")
+        .select(
+            "path",
+            F.lit(0).cast("long").alias("file_length"),
+            F.lit(0).cast("timestamp").alias("file_modification_time"),
+        )
+    )
+    listing = listing.unionByName(empties)
+    is_image = _extension_filter(cfg.input.extensions)
+    others = listing.filter(~is_image)
+    images = listing.filter(is_image).withColumn(
+        "rel_path", F.regexp_replace(F.col("path"), "^\\Q" + root + "/\\E", "")
+    )
+    images = images.withColumn("image_id", F.substring(F.sha2(F.col("rel_path"), 256), 1, 24))
+    images = _with_label(spark, images, cfg, root)
+    images = _with_split(images, cfg)
+    return images, others
+
+
+def _input_files(spark: SparkSession, raw: DataFrame) -> DataFrame:
+    """Every file Spark's index listed (zero-byte ones included) as a one-column DataFrame."""
+    from pyspark.sql import DataFrame as PyDataFrame
+    from pyspark.sql import functions as F
+
+    try:
+        jvm = spark.sparkContext._jvm  # type: ignore[union-attr]
+        files = raw._jdf.inputFiles()  # stays in the JVM: no round trip of millions of strings
+        jds = spark._jsparkSession.createDataset(jvm.java.util.Arrays.asList(files), jvm.org.apache.spark.sql.Encoders.STRING())
+        files_df = PyDataFrame(jds.toDF("path"), spark)
+    except Exception:  # Spark Connect: no JVM handle
+        files_df = spark.createDataFrame([(p,) for p in raw.inputFiles()], "path string")
+    # The index gives URIs (file:///a%20b.jpg); scans give decoded paths (file:/a b.jpg).
+    decoded = F.url_decode(F.regexp_replace(F.col("path"), r"\+", "%2B"))
+    return files_df.select(F.regexp_replace(decoded, "^file:///", "file:/").alias("path"))
+
+
+def _folder_at(level: int):
+    """The folder ``level`` steps above the file (1 = its parent), or null when the path is shallower."""
+    from pyspark.sql import functions as F
+
+    parts = F.split(F.col("rel_path"), "/")
+    return F.when(F.size(parts) > level, F.element_at(parts, -1 - level)).otherwise(F.lit(None))
+
+
+def _with_label(spark: SparkSession, images: DataFrame, cfg: Config, root: str) -> DataFrame:
+    from pyspark.sql import functions as F
+
+    label_cfg = cfg.input.label
+    if label_cfg.mode == "none":
+        return images.withColumn("label", F.lit(None).cast("string"))
+    if label_cfg.mode == "folder":
+        return images.withColumn("label", _folder_at(label_cfg.folder_level))
+    manifest_path = label_cfg.manifest
+    if not manifest_path:
+        raise InputError("input.label.mode=manifest needs input.label.manifest")
+    local = manifest_path.removeprefix("file:")
+    if "://" not in manifest_path and not os.path.exists(local):
+        raise InputError(f"label manifest {manifest_path!r} does not exist")
+    manifest = spark.read.option("header", "true").csv(manifest_path)
+    missing = {"path", "label"} - set(manifest.columns)
+    if missing:
+        raise InputError(
+            f"label manifest {manifest_path!r} must have a header with columns path,label; "
+            f"missing: {', '.join(sorted(missing))}"
+        )
+    local_root = root.removeprefix("file:")
+    manifest = manifest.select(
+        # absolute paths (with or without scheme) become relative to the input root
+        F.regexp_replace(
+            F.regexp_replace(F.col("path"), "^\\Q" + root + "/\\E", ""), "^\\Q" + local_root + "/\\E", ""
+        ).alias("rel_path"),
+        F.col("label").alias("manifest_label"),
+    ).dropDuplicates(["rel_path"])
+    return (
+        images.join(manifest, on="rel_path", how="left")
+        .withColumnRenamed("manifest_label", "label")
+    )
+
+
+def _with_split(images: DataFrame, cfg: Config) -> DataFrame:
+    from pyspark.sql import functions as F
+
+    split = cfg.input.split
+    if split.mode == "none":
+        return images.withColumn("split", F.lit(None).cast("string"))
+    if split.mode == "folder":
+        return images.withColumn("split", _folder_at(split.folder_level))
+    # Each image's split depends only on (seed, image_id): stable when files are added or removed,
+    # and stratified in expectation (the same fraction is drawn inside every class).
+    bucket = F.pmod(F.xxhash64(F.lit(split.seed), F.col("image_id")), F.lit(1_000_000)) / F.lit(1_000_000.0)
+    return images.withColumn("split", F.when(bucket < split.test_fraction, "test").otherwise("train"))
+
+
+def _escape_glob(path: str) -> str:
+    return re.sub(r"([\\*?\[\]{}])", r"\\\1", path)
+
+
+def read_contents(spark: SparkSession, cfg: Config, todo: DataFrame, n_todo: int, n_listed: int) -> DataFrame:
+    """path, content, length, modificationTime for the files in ``todo`` that can still be read.
+
+    Files that vanished since listing are skipped here (ignoreMissingFiles) and accounted for by the
+    caller, which compares against ``todo``.
+    """
+    from pyspark.sql import functions as F
+
+    root = qualify(spark, cfg.input.path)
+    reader = (
+        spark.read.format("binaryFile")
+        .option("ignoreMissingFiles", "true")
+        .option("recursiveFileLookup", "true")
+    )
+    if n_todo <= MAX_EXPLICIT_PATHS and n_todo < n_listed:
+        paths = [_escape_glob(r["path"]) for r in todo.select("path").collect()]
+        try:
+            contents = reader.load(paths)
+        except Exception as exc:  # a path vanished before Spark could check it: fall back
+            log.info("explicit path read failed (%s); reading the whole folder instead", str(exc)[:120])
+            contents = reader.load(root)
+    else:
+        contents = reader.load(root)
+    contents = contents.filter(F.col("length") <= F.lit(cfg.input.max_file_bytes))
+    return contents.join(todo.select("path"), on="path", how="left_semi")

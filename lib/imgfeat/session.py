@@ -1,0 +1,107 @@
+"""The one place that builds (or adopts) the SparkSession."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from typing import TYPE_CHECKING
+
+from imgfeat.config import Config
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+log = logging.getLogger(__name__)
+
+DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
+DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
+
+
+def get_spark(cfg: Config) -> SparkSession:
+    """Return the running session (spark-submit, Databricks, notebook) or build a local one."""
+    from pyspark import SparkConf
+    from pyspark.sql import SparkSession
+
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        _set_runtime_conf(active, cfg)
+        return active
+
+    submitted = SparkConf()  # holds what spark-submit passed, if anything
+    builder = SparkSession.builder.appName(cfg.spark.app_name)
+    if not submitted.contains("spark.master"):
+        builder = builder.master(cfg.spark.master or "local[*]")
+        builder = builder.config("spark.driver.memory", cfg.spark.driver_memory)
+    if not submitted.contains("spark.pyspark.python") and not os.environ.get("PYSPARK_PYTHON"):
+        # Workers must run the interpreter that has TensorFlow and imgfeat, not whatever python3 is on PATH.
+        os.environ["PYSPARK_PYTHON"] = sys.executable
+    settings = {
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.sql.execution.arrow.maxRecordsPerBatch": str(cfg.inference.arrow_batch_rows),
+        "spark.python.worker.reuse": "true",
+        "spark.ui.showConsoleProgress": "true",
+        "spark.sql.adaptive.enabled": "true",
+        "spark.ui.bindAddress": "127.0.0.1",
+        "spark.driver.host": os.environ.get("SPARK_LOCAL_IP", "127.0.0.1"),
+    }
+    packages = ",".join([submitted.get("spark.jars.packages", ""), cfg.spark.conf.get("spark.jars.packages", "")])
+    if "delta" in packages.lower() or os.environ.get("IMGFEAT_DELTA") == "1":
+        settings["spark.sql.extensions"] = DELTA_EXTENSION
+        settings["spark.sql.catalog.spark_catalog"] = DELTA_CATALOG
+    for key, value in {**settings, **cfg.spark.conf}.items():
+        if not submitted.contains(key) or key in cfg.spark.conf:
+            builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(os.environ.get("IMGFEAT_SPARK_LOG_LEVEL", "WARN"))
+    return spark
+
+
+def _set_runtime_conf(spark: SparkSession, cfg: Config) -> None:
+    try:
+        spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.inference.arrow_batch_rows))
+        spark.conf.set("spark.sql.execution.arrow.pyspark.enabled", "true")
+    except Exception as exc:  # some managed sessions forbid setting confs
+        log.warning("could not set Arrow batch size on the running session: %s", exc)
+
+
+def task_slots(spark: SparkSession) -> int:
+    """How many tasks run at once on one machine (local[N]: N; cluster: executor cores / task cpus)."""
+    master = spark.sparkContext.master or ""
+    match = re.match(r"local\[(\*|\d+)(?:,\s*\d+)?\]", master)
+    if master == "local":
+        return 1
+    if match:
+        return (os.cpu_count() or 1) if match.group(1) == "*" else int(match.group(1))
+    conf = spark.sparkContext.getConf()
+    cores = int(conf.get("spark.executor.cores", str(os.cpu_count() or 1)))
+    per_task = float(conf.get("spark.task.cpus", "1"))
+    return max(1, int(cores // per_task))
+
+
+def tf_threads_for(spark: SparkSession, requested: int = 0) -> int:
+    """TensorFlow intra-op threads per Python worker so that concurrent tasks don't oversubscribe."""
+    if requested:
+        return requested
+    master = spark.sparkContext.master or ""
+    if master.startswith("local"):
+        cores = os.cpu_count() or 1
+    else:
+        cores = int(spark.sparkContext.getConf().get("spark.executor.cores", str(os.cpu_count() or 1)))
+    return max(1, cores // task_slots(spark))
+
+
+def delta_available(spark: SparkSession) -> bool:
+    """True when this session can read and write Delta tables."""
+    try:
+        if spark.conf.get("spark.databricks.clusterUsageTags.clusterId", None):
+            return True
+    except Exception:
+        pass
+    try:
+        spark.sparkContext._jvm.java.lang.Class.forName("io.delta.tables.DeltaTable")  # type: ignore[union-attr]
+    except Exception:
+        return False
+    extensions = spark.conf.get("spark.sql.extensions", "") or ""
+    return DELTA_EXTENSION in extensions

@@ -1,0 +1,125 @@
+"""Feature and error tables: Delta Lake where the session has it, Parquet otherwise.
+
+A table location is a path (``/data/features``, ``dbfs:/...``, ``s3://...``) or, for Delta, a
+Unity Catalog / metastore name (``catalog.schema.table``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from typing import TYPE_CHECKING
+
+from imgfeat.session import delta_available
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+log = logging.getLogger(__name__)
+
+KEY_COLUMNS = ["path", "model", "weights_id"]
+
+
+class StorageError(RuntimeError):
+    """A table cannot be written or read in the requested format."""
+
+
+def is_table_name(location: str) -> bool:
+    """``catalog.schema.table`` or ``schema.table`` (no slash, no scheme)."""
+    return bool(re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_`][\w`]*){1,2}", location))
+
+
+def resolve_format(spark: SparkSession, requested: str) -> str:
+    """auto -> delta when available, else parquet (logged); delta without Delta -> clear error."""
+    available = delta_available(spark)
+    if requested == "delta" and not available:
+        raise StorageError(
+            "output.format=delta, but this Spark session has no Delta Lake. Run on Databricks, or start "
+            "Spark with Delta (spark-submit --packages io.delta:delta-spark_2.13:4.0.0 --conf "
+            "spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension --conf "
+            "spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog.DeltaCatalog), "
+            "or use --format parquet."
+        )
+    if requested == "auto":
+        chosen = "delta" if available else "parquet"
+        if not available:
+            log.warning("Delta Lake is not available in this session: writing Parquet (--format auto)")
+        return chosen
+    return requested
+
+
+def _hadoop_fs(spark: SparkSession, location: str):
+    jvm = spark.sparkContext._jvm  # type: ignore[union-attr]
+    jpath = jvm.org.apache.hadoop.fs.Path(location)
+    return jpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()), jpath  # type: ignore[union-attr]
+
+
+def table_exists(spark: SparkSession, location: str, fmt: str) -> bool:
+    if is_table_name(location):
+        return bool(spark.catalog.tableExists(location))
+    fs, jpath = _hadoop_fs(spark, location)
+    if fmt == "delta":
+        return bool(fs.exists(jpath.suffix("/_delta_log")))
+    if not fs.exists(jpath):
+        return False
+    return any(not s.getPath().getName().startswith(("_", ".")) for s in fs.listStatus(jpath))
+
+
+def read_table(spark: SparkSession, location: str, fmt: str) -> DataFrame:
+    if is_table_name(location):
+        return spark.table(location)
+    return spark.read.format(fmt).load(location)
+
+
+def _write(df: DataFrame, location: str, fmt: str, mode: str) -> None:
+    writer = df.write.format(fmt).mode(mode)
+    if is_table_name(location):
+        writer.saveAsTable(location)
+    else:
+        writer.save(location)
+
+
+def append_rows(
+    spark: SparkSession, df: DataFrame, location: str, fmt: str, replace: DataFrame | None = None
+) -> None:
+    """Append ``df``; first remove the rows whose (path, model, weights_id) are in ``replace``.
+
+    Delta: a DELETE then an append (each a transaction). Parquet: a plain append when nothing is
+    replaced; otherwise the table is rewritten to a staging folder and swapped in, so readers never
+    see a half-written table.
+    """
+    if replace is None or not table_exists(spark, location, fmt):
+        _write(df, location, fmt, "append")
+        return
+    if fmt == "delta":
+        from delta.tables import DeltaTable
+
+        table = DeltaTable.forName(spark, location) if is_table_name(location) else DeltaTable.forPath(spark, location)
+        (
+            table.alias("t")
+            .merge(replace.alias("r"), " AND ".join(f"t.{c} = r.{c}" for c in KEY_COLUMNS))
+            .whenMatchedDelete()
+            .execute()
+        )
+        _write(df, location, fmt, "append")
+        return
+    if is_table_name(location):
+        raise StorageError(f"{location!r} is a table name: replacing rows needs Delta (use a path for Parquet)")
+    kept = read_table(spark, location, fmt).join(replace.select(*KEY_COLUMNS), on=KEY_COLUMNS, how="left_anti")
+    staging = f"{location.rstrip('/')}.imgfeat-staging-{uuid.uuid4().hex[:8]}"
+    kept.unionByName(df, allowMissingColumns=True).write.format(fmt).mode("overwrite").save(staging)
+    _swap(spark, staging, location)
+
+
+def _swap(spark: SparkSession, staging: str, location: str) -> None:
+    """Move ``staging`` into place of ``location``; the old table is kept until the new one is in."""
+    fs, target = _hadoop_fs(spark, location)
+    _, new = _hadoop_fs(spark, staging)
+    _, old = _hadoop_fs(spark, f"{location.rstrip('/')}.imgfeat-old-{uuid.uuid4().hex[:8]}")
+    if not fs.rename(target, old):
+        raise StorageError(f"could not move {location} aside to replace it; the table is unchanged")
+    if not fs.rename(new, target):
+        fs.rename(old, target)
+        raise StorageError(f"could not move the new table into {location}; the previous table was restored")
+    fs.delete(old, True)
