@@ -2,6 +2,7 @@ import dataclasses
 
 import pytest
 import yaml
+
 from imgfeat.config import Config, ConfigError, load_config, parse_set
 
 

@@ -2,9 +2,10 @@ import io
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from imgfeat.decode import DecodeError, DecodeOptions, decode_image
 from imgfeat.samples import BAD_FILES, KINDS, bad_file_bytes, encode, xray_array
-from PIL import Image
 
 OPTS = DecodeOptions(size=64)
 

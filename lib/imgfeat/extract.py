@@ -133,11 +133,13 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
     else:
         todo = images.join(existing.select("path", *FINGERPRINT), on=["path", *FINGERPRINT], how="left_anti")
         replace = todo.join(existing.select("path").distinct(), on="path", how="left_semi").select("path")
-    todo = todo.persist(StorageLevel.MEMORY_AND_DISK)
+    # Materialise what this run will do before any table is rewritten: the plan must not read the
+    # tables it is about to replace.
+    todo = todo.localCheckpoint(eager=True)
     n_todo = todo.count()
-    n_replaced = replace.count() if replace is not None else 0
-    if not n_replaced:
-        replace = None
+    replaced_paths = [r["path"] for r in replace.collect()] if replace is not None else []
+    n_replaced = len(replaced_paths)
+    replace = spark.createDataFrame([(p,) for p in replaced_paths], "path string") if n_replaced else None
     meta = [
         F.lit(backbone.name).alias("model"),
         F.lit(resolved.weights_id).alias("weights_id"),
@@ -203,7 +205,6 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
         featurized = counts.get(True, 0)
         failed = counts.get(False, 0) + unread.count()
         rows.unpersist()
-    todo.unpersist()
     images.unpersist()
     result = ExtractResult(
         listed=n_listed,

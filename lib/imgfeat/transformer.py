@@ -110,7 +110,7 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
         result = dataset.withColumn("_imgfeat_r", udf(F.col(self.getInputCol())))
         features = F.col("_imgfeat_r.features")
         if self.getOrDefault("outputType") == "vector":
-            features = array_to_vector(features)
+            features = F.when(features.isNotNull(), array_to_vector(features))
         result = result.withColumn(out_col, features)
         if err_col:
             result = result.withColumn(
