@@ -6,6 +6,8 @@ STAMP := $(VENV)/.imgfeat-installed
 export PYSPARK_PYTHON := $(abspath $(PY))
 export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
 export TF_CPP_MIN_LOG_LEVEL := 2
+# Always test and run this checkout's code (also in git worktrees sharing one .venv).
+export PYTHONPATH := $(abspath lib)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .PHONY: setup demo test test-unit test-integration lint bench dist clean
 

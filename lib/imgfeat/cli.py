@@ -1,21 +1,35 @@
 """Command line: ``imgfeat extract|train|compare|predict|bench ...``.
 
-Only parses arguments and calls library functions; ``jobs/*.py`` call ``main`` with a fixed command.
+Only parses arguments and calls library functions (one module per command in ``imgfeat.commands``);
+``jobs/*.py`` call ``main`` with a fixed command.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 from imgfeat.config import Config, ConfigError, load_config
 
-COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace, Config], int]]] = {}
+# Sub-commands, in help order; each is a module imgfeat.commands.<name>.
+COMMAND_NAMES = ("extract", "train", "compare", "predict", "bench")
+
+
+def _commands() -> dict[str, ModuleType]:
+    found = {}
+    for name in COMMAND_NAMES:
+        try:
+            found[name] = importlib.import_module(f"imgfeat.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"imgfeat.commands.{name}":
+                raise
+    return found
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -23,75 +37,21 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting, e.g. --set inference.batch_size=64")
     parser.add_argument("--master", help="Spark master when not started by spark-submit (default local[*])")
     parser.add_argument("--json", metavar="FILE", help="also write the result as JSON to FILE")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-
-
-def _extract_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", help="folder of images (one sub-folder per class)")
-    p.add_argument("--output", help="features table: a path, or catalog.schema.table with Delta")
-    p.add_argument("--errors", help="errors table (default: <output>_errors)")
-    p.add_argument("--model", help="backbone: resnet50, inception_v3, densenet121, vgg19, efficientnet_b0")
-    p.add_argument("--weights", help="imagenet | none | /path/to/weights.h5")
-    p.add_argument("--weights-sha256", help="stop unless the weights file has this sha256")
-    p.add_argument("--format", choices=["auto", "delta", "parquet"], help="table format (default auto)")
-    p.add_argument("--mode", choices=["incremental", "overwrite"], help="incremental (default) or overwrite")
-    p.add_argument("--batch-size", type=int, help="images per model call")
-    p.add_argument("--label-mode", choices=["folder", "manifest", "none"], help="where labels come from")
-    p.add_argument("--manifest", help="CSV with path,label (with --label-mode manifest)")
-    p.add_argument("--split-mode", choices=["none", "hash", "folder"], help="train/test assignment")
-
-
-def _extract_overrides(a: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "input.path": a.input,
-        "output.path": a.output,
-        "output.errors_path": a.errors,
-        "model.name": a.model,
-        "model.weights": a.weights,
-        "model.weights_sha256": a.weights_sha256,
-        "output.format": a.format,
-        "output.mode": a.mode,
-        "inference.batch_size": a.batch_size,
-        "input.label.mode": a.label_mode,
-        "input.label.manifest": a.manifest,
-        "input.split.mode": a.split_mode,
-    }
-
-
-def _run_extract(a: argparse.Namespace, cfg: Config) -> int:
-    from imgfeat.extract import run_extract
-    from imgfeat.session import get_spark
-
-    spark = get_spark(cfg)
-    result = run_extract(spark, cfg)
-    print(result.summary(), flush=True)
-    _dump(a, result.to_dict())
-    return 0
-
-
-COMMANDS["extract"] = (_extract_args, _run_extract)
-
-OVERRIDES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"extract": _extract_overrides}
-
-
-def _dump(a: argparse.Namespace, data: dict[str, Any]) -> None:
-    if getattr(a, "json", None):
-        with open(a.json, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, default=str)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imgfeat", description="Transfer learning for medical images on Spark")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (add_args, _) in COMMANDS.items():
-        p = sub.add_parser(name)
-        add_args(p)
+    for name, module in _commands().items():
+        p = sub.add_parser(name, help=getattr(module, "HELP", None))
+        module.add_arguments(p)
         _common(p)
     return parser
 
 
 def config_from_args(a: argparse.Namespace) -> Config:
-    overrides = OVERRIDES.get(a.command, lambda _: {})(a)
+    overrides: dict[str, Any] = _commands()[a.command].overrides(a)
     if a.master:
         overrides["spark.master"] = a.master
     return load_config(a.config, overrides, a.set)
@@ -112,12 +72,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         parser.error(str(exc))
     try:
-        return COMMANDS[a.command][1](a, cfg)
+        result = _commands()[a.command].run(a, cfg)
     except (ConfigError, ValueError, RuntimeError, FileNotFoundError) as exc:
         if a.verbose:
             raise
         print(f"imgfeat {a.command}: error: {exc}", file=sys.stderr)
         return 2
+    if a.json:
+        with open(a.json, "w", encoding="utf-8") as fh:
+            json.dump(result, fh, indent=2, default=str)
+    return 0
 
 
 if __name__ == "__main__":
