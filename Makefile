@@ -30,6 +30,9 @@ test: setup
 test-integration: setup
 	$(PY) -m pytest -q -m integration tests
 
+bench: setup
+	bash bench/run_benchmarks.sh
+
 lint: setup
 	$(PY) -m ruff check lib jobs tests bench notebooks
 

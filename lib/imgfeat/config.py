@@ -92,6 +92,8 @@ class InferenceConfig:
     arrow_batch_rows: int = 64
     # Decode images in this many threads inside each Python worker (Pillow releases the GIL).
     decode_threads: int = 1
+    # Build the model in the Python workers while the driver lists files.
+    warmup: bool = True
 
 
 @dataclass

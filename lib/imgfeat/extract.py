@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from imgfeat.backbones import get_backbone
 from imgfeat.config import Config
 from imgfeat.decode import EMPTY_FILE, TOO_LARGE, UNREADABLE, DecodeOptions
+from imgfeat.weights import WeightsSource
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
+
+    from imgfeat.featurize import FeaturizeSpec
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,9 @@ class ExtractResult:
     model: str
     weights_id: str
     seconds: float
+    # Wall seconds of listing/planning and of featurize+write; task-seconds summed over workers
+    # spent decoding, in inference and building models.
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
         return (
@@ -63,16 +70,32 @@ def decode_options(cfg: Config, size: int | None = None) -> DecodeOptions:
     )
 
 
-def featurize_contents(spark: SparkSession, cfg: Config, contents: DataFrame, weights_id: str, arrays: list) -> DataFrame:
+def broadcast_weights(spark: SparkSession, source: WeightsSource) -> Any:
+    """Ship a weights file's bytes to the workers once (None for seeded weights)."""
+    data = source.read_bytes()
+    return spark.sparkContext.broadcast(data) if data is not None else None
+
+
+def featurize_contents(
+    contents: DataFrame, spec: FeaturizeSpec, weights_broadcast: Any, accumulators: dict | None = None
+) -> DataFrame:
     """Add the UDF's result columns (features or error) to a DataFrame with a ``content`` column."""
     from pyspark.sql import functions as F
 
-    from imgfeat.featurize import RESULT_FIELDS, FeaturizeSpec, featurize_udf
+    from imgfeat.featurize import RESULT_FIELDS, featurize_udf
+
+    udf = featurize_udf(spec, weights_broadcast, accumulators)
+    with_result = contents.withColumn("_r", udf(F.col("content"))).drop("content")
+    return with_result.select("*", *[F.col(f"_r.{f}").alias(f) for f in RESULT_FIELDS]).drop("_r")
+
+
+def featurize_spec(spark: SparkSession, cfg: Config, source: WeightsSource) -> FeaturizeSpec:
+    from imgfeat.featurize import FeaturizeSpec
     from imgfeat.session import tf_threads_for
 
-    spec = FeaturizeSpec(
+    return FeaturizeSpec(
         model_name=cfg.model.name,
-        weights_id=weights_id,
+        weights=source,
         decode=decode_options(cfg),
         batch_size=cfg.inference.batch_size,
         tf_threads=tf_threads_for(spark, cfg.inference.tf_threads),
@@ -81,10 +104,25 @@ def featurize_contents(spark: SparkSession, cfg: Config, contents: DataFrame, we
         decode_threads=cfg.inference.decode_threads,
         float16_column=cfg.output.float16_column,
     )
-    broadcast = spark.sparkContext.broadcast(arrays)
-    udf = featurize_udf(spec, broadcast)
-    with_result = contents.withColumn("_r", udf(F.col("content"))).drop("content")
-    return with_result.select("*", *[F.col(f"_r.{f}").alias(f) for f in RESULT_FIELDS]).drop("_r")
+
+
+def _start_warmup(spark: SparkSession, spec: FeaturizeSpec, broadcast: Any) -> threading.Thread:
+    """Build the model in every Python worker while the driver lists files (a background job).
+
+    Python workers are reused between tasks, so the featurizing tasks later find the model built.
+    """
+    from imgfeat.featurize import warmup_workers
+    from imgfeat.session import task_slots
+
+    def run() -> None:
+        try:
+            warmup_workers(spark, spec, broadcast, task_slots(spark))
+        except Exception as exc:  # only an optimisation: the real tasks build the model anyway
+            log.warning("worker warm-up failed (%s); continuing", str(exc)[:200])
+
+    thread = threading.Thread(target=run, name="imgfeat-warmup", daemon=True)
+    thread.start()
+    return thread
 
 
 def _existing_keys(spark: SparkSession, cfg: Config, fmt: str, weights_id: str) -> DataFrame | None:
@@ -109,9 +147,9 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
-    from imgfeat.ingest import list_files, read_contents
+    from imgfeat.ingest import broadcast_if_small, list_files, read_contents
     from imgfeat.storage import append_rows, resolve_format
-    from imgfeat.weights import resolve_weights
+    from imgfeat.weights import weights_source
 
     if not cfg.output.path:
         raise ValueError("no output location: pass --output PATH (or set output.path)")
@@ -119,9 +157,12 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
     fmt = resolve_format(spark, cfg.output.format)
     backbone = get_backbone(cfg.model.name)
     log.info("resolving %s weights=%s", backbone.name, cfg.model.weights)
-    resolved = resolve_weights(backbone, cfg.model.weights, cfg.model.seed, cfg.model.weights_sha256)
+    resolved = weights_source(backbone, cfg.model.weights, cfg.model.seed, cfg.model.weights_sha256)
     run_id = uuid.uuid4().hex[:12]
 
+    spec = featurize_spec(spark, cfg, resolved)
+    broadcast = broadcast_weights(spark, resolved)
+    warmup = _start_warmup(spark, spec, broadcast) if cfg.inference.warmup else None
     images, others = list_files(spark, cfg)
     images = images.persist(StorageLevel.MEMORY_AND_DISK)
     n_listed = images.count()
@@ -147,22 +188,25 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
         F.current_timestamp().alias("extracted_at"),
     ]
     featurized = failed = 0
+    stages = {"list_and_plan": time.time() - started}
+    accumulators = {k: spark.sparkContext.accumulator(0.0) for k in ("decode", "inference", "model_load")}
     if n_todo:
         log.info("featurizing %d of %d files with %s", n_todo, n_listed, backbone.name)
         contents = read_contents(spark, cfg, todo, n_todo, n_listed)
-        attrs = todo.drop("file_length", "file_modification_time")
+        # Per-file attributes ride along with the bytes (a broadcast join), so nothing is shuffled
+        # and the UDF's output needs no join afterwards.
+        attrs = broadcast_if_small(todo.drop(*FINGERPRINT), n_todo)
         rows = featurize_contents(
-            spark,
-            cfg,
             contents.select(
                 "path",
                 "content",
                 F.col("length").alias("file_length"),
                 F.col("modificationTime").alias("file_modification_time"),
-            ),
-            resolved.weights_id,
-            resolved.arrays,
-        ).join(attrs, on="path", how="inner")
+            ).join(attrs, on="path", how="inner"),
+            spec,
+            broadcast,
+            accumulators,
+        )
         # Files never read: too large to read, or gone between listing and reading.
         unread = (
             todo.join(contents.select("path"), on="path", how="left_anti")
@@ -186,7 +230,9 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
                 .otherwise(F.lit("the file could not be read (it disappeared or is unreadable since listing)")),
             )
         )
+        unread = unread.persist(StorageLevel.MEMORY_AND_DISK)
         rows = rows.persist(StorageLevel.MEMORY_AND_DISK)
+        write_started = time.time()
         feature_rows = rows.filter(F.col("error_class").isNull()).select(
             "image_id", "path", "rel_path", "label", "split",
             "features", "features_f16", *meta,
@@ -205,6 +251,11 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
         featurized = counts.get(True, 0)
         failed = counts.get(False, 0) + unread.count()
         rows.unpersist()
+        unread.unpersist()
+        stages["featurize_and_write"] = time.time() - write_started
+    if warmup is not None:
+        warmup.join()
+    stages.update({f"{k}_task_seconds": round(a.value, 3) for k, a in accumulators.items()})
     images.unpersist()
     result = ExtractResult(
         listed=n_listed,
@@ -220,6 +271,7 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
         model=backbone.name,
         weights_id=resolved.weights_id,
         seconds=time.time() - started,
+        stage_seconds={k: round(v, 3) for k, v in stages.items()},
     )
     if featurized + failed != n_todo:
         raise RuntimeError(

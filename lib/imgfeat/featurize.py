@@ -6,6 +6,7 @@ iterator pandas UDF that builds the model once per Python worker and reuses it f
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from imgfeat.decode import DECODE_FAILED, DecodeError, DecodeOptions, decode_image
+from imgfeat.weights import WeightsSource
 
 if TYPE_CHECKING:
     from pyspark.sql import Column
@@ -31,7 +33,7 @@ class FeaturizeSpec:
     """Everything a worker needs, small and picklable (the weights travel as a broadcast)."""
 
     model_name: str
-    weights_id: str
+    weights: WeightsSource
     decode: DecodeOptions
     batch_size: int = 32
     tf_threads: int = 1
@@ -55,9 +57,14 @@ def featurize_batch(
     predict: Callable[[np.ndarray], np.ndarray],
     spec: FeaturizeSpec,
     pool: ThreadPoolExecutor | None = None,
+    timings: dict[str, float] | None = None,
 ) -> pd.DataFrame:
-    """Decode every row, run the model on the decodable ones in chunks, return one result row each."""
+    """Decode every row, run the model on the decodable ones in chunks, return one result row each.
+
+    ``timings`` (optional) accumulates seconds spent in "decode" and "inference".
+    """
     n = len(contents)
+    t0 = time.perf_counter()
     decoded = list(pool.map(lambda d: _decode_one(d, spec.decode), contents)) if pool else [
         _decode_one(d, spec.decode) for d in contents
     ]
@@ -71,6 +78,7 @@ def featurize_batch(
             out["width"][i], out["height"][i] = d.width, d.height
             out["source_mode"][i], out["format"][i] = d.source_mode, d.format
     size = spec.decode.size
+    t1 = time.perf_counter()
     for start in range(0, len(ok), spec.batch_size):
         idx = ok[start : start + spec.batch_size]
         batch = np.empty((len(idx), size, size, 3), dtype=np.float32)
@@ -81,31 +89,62 @@ def featurize_batch(
             out["features"][i] = feats[j]
             if spec.float16_column:
                 out["features_f16"][i] = feats[j].astype(np.float16).tobytes()
+    if timings is not None:
+        t2 = time.perf_counter()
+        timings["decode"] = timings.get("decode", 0.0) + (t1 - t0)
+        timings["inference"] = timings.get("inference", 0.0) + (t2 - t1)
     return pd.DataFrame(out)
 
 
-def featurize_udf(spec: FeaturizeSpec, weights_broadcast: Any) -> Callable[[Column], Column]:
-    """An iterator pandas UDF: content (binary) -> struct(RESULT_DDL)."""
+def _predictor(spec: FeaturizeSpec, weights_broadcast: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """The worker's cached model for ``spec`` (built on first use in this process)."""
+    from imgfeat.runtime import get_predictor
+
+    return get_predictor(
+        spec.model_name,
+        spec.weights,
+        lambda: None if weights_broadcast is None else weights_broadcast.value,
+        threads=spec.tf_threads,
+        device=spec.device,
+        mixed_precision=spec.mixed_precision,
+        input_size=spec.decode.size,
+    )
+
+
+def featurize_udf(
+    spec: FeaturizeSpec, weights_broadcast: Any = None, accumulators: dict[str, Any] | None = None
+) -> Callable[[Column], Column]:
+    """An iterator pandas UDF: content (binary) -> struct(RESULT_DDL).
+
+    ``weights_broadcast`` holds the weights file's bytes (None for seeded weights).
+
+    ``accumulators`` (optional): Spark float accumulators "decode", "inference" and "model_load"
+    that receive the task-seconds spent in each stage.
+    """
     from pyspark.sql import functions as F
 
     def featurize(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
-        from imgfeat.runtime import get_predictor
-
-        predict = get_predictor(
-            spec.model_name,
-            spec.weights_id,
-            lambda: weights_broadcast.value,
-            threads=spec.tf_threads,
-            device=spec.device,
-            mixed_precision=spec.mixed_precision,
-            input_size=spec.decode.size,
-        )
+        started = time.perf_counter()
+        predict = _predictor(spec, weights_broadcast)
+        timings: dict[str, float] = {"model_load": time.perf_counter() - started}
         pool = ThreadPoolExecutor(spec.decode_threads) if spec.decode_threads > 1 else None
         try:
             for contents in batches:
-                yield featurize_batch(contents, predict, spec, pool)
+                yield featurize_batch(contents, predict, spec, pool, timings)
         finally:
             if pool:
                 pool.shutdown()
+            for name, acc in (accumulators or {}).items():
+                acc.add(timings.get(name, 0.0))
 
     return F.pandas_udf(featurize, RESULT_DDL).asNondeterministic()  # type: ignore[call-overload]
+
+
+def warmup_workers(spark: Any, spec: FeaturizeSpec, weights_broadcast: Any, slots: int) -> None:
+    """Run one tiny task per slot that builds the model in its (reused) Python worker."""
+
+    def warm(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        _predictor(spec, weights_broadcast)
+        yield from batches
+
+    spark.range(slots, numPartitions=slots).mapInPandas(warm, "id long").collect()

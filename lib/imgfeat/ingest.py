@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 # Above this many files to read, read the whole root and semi-join instead of listing paths.
 MAX_EXPLICIT_PATHS = 20_000
+# Up to this many rows, per-file attributes are broadcast to the content read (no shuffle).
+MAX_BROADCAST_ROWS = 2_000_000
 
 
 class InputError(ValueError):
@@ -80,7 +82,8 @@ def list_files(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFrame]:
             F.lit(0).cast("timestamp").alias("file_modification_time"),
         )
     )
-    listing = listing.unionByName(empties)
+    # Listed once and cached: images and others below are two views of it.
+    listing = listing.unionByName(empties).persist()
     is_image = _extension_filter(cfg.input.extensions)
     others = listing.filter(~is_image)
     images = listing.filter(is_image).withColumn(
@@ -194,4 +197,11 @@ def read_contents(spark: SparkSession, cfg: Config, todo: DataFrame, n_todo: int
     else:
         contents = reader.load(root)
     contents = contents.filter(F.col("length") <= F.lit(cfg.input.max_file_bytes))
-    return contents.join(todo.select("path"), on="path", how="left_semi")
+    return contents.join(broadcast_if_small(todo.select("path"), n_todo), on="path", how="left_semi")
+
+
+def broadcast_if_small(df: DataFrame, rows: int) -> DataFrame:
+    """Broadcast a path list that fits comfortably in memory, so image bytes are never shuffled."""
+    from pyspark.sql import functions as F
+
+    return F.broadcast(df) if rows <= MAX_BROADCAST_ROWS else df

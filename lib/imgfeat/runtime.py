@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from imgfeat.backbones import get_backbone
+from imgfeat.weights import WeightsSource
 
 _MODELS: dict[tuple[str, str, str, bool, int | None], Callable[[np.ndarray], np.ndarray]] = {}
 _TF_CONFIGURED = False
@@ -47,15 +48,15 @@ def configure_tensorflow(threads: int = 0, device: str = "auto") -> Any:
 
 def get_predictor(
     model_name: str,
-    weights_id: str,
-    weights_loader: Callable[[], list[np.ndarray]],
+    source: WeightsSource,
+    file_bytes: Callable[[], bytes | None],
     threads: int = 0,
     device: str = "auto",
     mixed_precision: bool = False,
     input_size: int | None = None,
 ) -> Callable[[np.ndarray], np.ndarray]:
     """Return ``predict(batch_0_255) -> float32 features``, building the model once per process."""
-    key = (model_name, weights_id, device, mixed_precision, input_size)
+    key = (model_name, source.weights_id, device, mixed_precision, input_size)
     if key in _MODELS:
         return _MODELS[key]
     tf = configure_tensorflow(threads, device)
@@ -65,8 +66,7 @@ def get_predictor(
     if mixed_precision and tf.config.list_physical_devices("GPU"):
         keras.mixed_precision.set_global_policy("mixed_float16")
     size = input_size or backbone.input_size
-    model = backbone.build(weights=None, input_size=size)
-    model.set_weights(weights_loader())
+    model = source.build(backbone, input_size=size, file_bytes=file_bytes())
 
     @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)], reduce_retracing=True)
     def _infer(x: Any) -> Any:

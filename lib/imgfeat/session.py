@@ -46,6 +46,10 @@ def get_spark(cfg: Config) -> SparkSession:
         "spark.ui.bindAddress": "127.0.0.1",
         "spark.driver.host": os.environ.get("SPARK_LOCAL_IP", "127.0.0.1"),
     }
+    master = submitted.get("spark.master", cfg.spark.master or "local[*]")
+    if master.startswith("local"):
+        # Small local jobs: a few shuffle partitions, not 200.
+        settings["spark.sql.shuffle.partitions"] = str(max(4, 2 * (os.cpu_count() or 1)))
     packages = ",".join([submitted.get("spark.jars.packages", ""), cfg.spark.conf.get("spark.jars.packages", "")])
     if "delta" in packages.lower() or os.environ.get("IMGFEAT_DELTA") == "1":
         settings["spark.sql.extensions"] = DELTA_EXTENSION

@@ -23,9 +23,10 @@ from pyspark.sql import functions as F
 
 from imgfeat.backbones import get_backbone
 from imgfeat.decode import DecodeOptions
+from imgfeat.weights import WeightsSource
 
-# Driver-side cache of resolved weights: (model, weights, seed, sha) -> (weights_id, arrays).
-_RESOLVED: dict[tuple[str, str, int, str], tuple[str, list[Any]]] = {}
+# Driver-side cache of resolved weights: (model, weights, seed, sha) -> source.
+_RESOLVED: dict[tuple[str, str, int, str], WeightsSource] = {}
 
 
 class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReadable, DefaultParamsWritable):
@@ -75,13 +76,13 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
     def setParams(self, **kwargs: Any) -> ImageFeaturizer:
         return self._set(**self._input_kwargs)
 
-    def resolved_weights(self) -> tuple[str, list[Any]]:
-        from imgfeat.weights import resolve_weights
+    def weights_source(self) -> WeightsSource:
+        """The resolved weights (id, seed or file), cached on the driver."""
+        from imgfeat.weights import weights_source
 
         key = (self.getOrDefault("modelName"), self.getOrDefault("weights"), self.getOrDefault("seed"), self.getOrDefault("weightsSha256"))
         if key not in _RESOLVED:
-            resolved = resolve_weights(get_backbone(key[0]), key[1], key[2], key[3] or None)
-            _RESOLVED[key] = (resolved.weights_id, resolved.arrays)
+            _RESOLVED[key] = weights_source(get_backbone(key[0]), key[1], key[2], key[3] or None)
         return _RESOLVED[key]
 
     def _transform(self, dataset: DataFrame) -> DataFrame:
@@ -91,10 +92,10 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
         from imgfeat.session import tf_threads_for
 
         backbone = get_backbone(self.getOrDefault("modelName"))
-        weights_id, arrays = self.resolved_weights()
+        source = self.weights_source()
         spec = FeaturizeSpec(
             model_name=backbone.name,
-            weights_id=weights_id,
+            weights=source,
             decode=DecodeOptions(
                 size=self.getOrDefault("imageSize") or backbone.input_size,
                 resize_mode=self.getOrDefault("resizeMode"),
@@ -105,7 +106,8 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
             tf_threads=tf_threads_for(dataset.sparkSession, self.getOrDefault("tfThreads")),
         )
         spark = dataset.sparkSession
-        udf = featurize_udf(spec, spark.sparkContext.broadcast(arrays))
+        data = source.read_bytes()
+        udf = featurize_udf(spec, spark.sparkContext.broadcast(data) if data is not None else None)
         out_col, err_col = self.getOutputCol(), self.getOrDefault("errorCol")
         result = dataset.withColumn("_imgfeat_r", udf(F.col(self.getInputCol())))
         features = F.col("_imgfeat_r.features")

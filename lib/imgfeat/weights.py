@@ -1,14 +1,16 @@
 """Resolve a weights setting (imagenet | none | FILE) into a weights id and the weight arrays.
 
-Runs on the driver; the arrays are broadcast so every worker uses bit-identical weights and no
-worker needs the Keras cache or the weights file. Only weights are ever loaded: architectures are
-built in code, never deserialised from a user's file.
+Runs on the driver without TensorFlow where it can: ``none`` is a seed (Keras' seeded init is the same
+in every process), a file is hashed and its bytes are broadcast, so no worker needs the Keras cache
+or the weights file. Only weights are ever loaded: architectures are built in code, never
+deserialised from a user's file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,20 +48,67 @@ def _check_pin(path: str, digest: str, pinned: str | None) -> None:
         )
 
 
-def resolve_weights(backbone: Backbone, weights: str, seed: int = 42, pinned_sha256: str | None = None) -> ResolvedWeights:
-    """Build ``backbone`` with the requested weights and return (weights id, arrays)."""
-    import keras
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where a model's weights come from, resolved on the driver without building the model.
 
+    Either a seed (``weights: none``: seeded random init, identical in every process) or a weights
+    file on the driver, whose bytes are shipped to the workers (no worker needs the Keras cache).
+    """
+
+    weights_id: str
+    seed: int | None = None
+    path: str | None = None
+
+    def read_bytes(self) -> bytes | None:
+        if self.path is None:
+            return None
+        with open(self.path, "rb") as fh:
+            return fh.read()
+
+    def build(self, backbone: Backbone, input_size: int | None = None, file_bytes: bytes | None = None) -> Any:
+        """Build ``backbone`` with these weights; on a worker, pass the shipped ``file_bytes``."""
+        import keras
+
+        if self.seed is not None:
+            keras.utils.set_random_seed(self.seed)
+            return backbone.build(weights=None, input_size=input_size)
+        model = backbone.build(weights=None, input_size=input_size)
+        path = self.path
+        tmp = None
+        if file_bytes is not None:
+            suffix = ".weights.h5" if str(self.path).endswith(".weights.h5") else ".h5"
+            fd, tmp = tempfile.mkstemp(prefix="imgfeat-weights-", suffix=suffix)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(file_bytes)
+            path = tmp
+        try:
+            model.load_weights(path)
+        except Exception as exc:
+            raise WeightsError(
+                f"could not load weights file {self.path} into {backbone.name}: {type(exc).__name__}: "
+                f"{str(exc)[:300]}. It must hold weights for {backbone.name} with include_top=False."
+            ) from None
+        finally:
+            if tmp:
+                os.remove(tmp)
+        return model
+
+
+def weights_source(
+    backbone: Backbone, weights: str, seed: int = 42, pinned_sha256: str | None = None, validate: bool = True
+) -> WeightsSource:
+    """Resolve a weights setting; only a user's weights file is test-loaded (``validate``)."""
     spec = (weights or "").strip()
     if spec.lower() == "none":
-        keras.utils.set_random_seed(seed)
-        model = backbone.build(weights=None)
-        return ResolvedWeights(f"none-seed{seed}", model.get_weights())
+        return WeightsSource(f"none-seed{seed}", seed=seed)
     if spec.lower() == "imagenet":
         if backbone.constructor == "tiny":
             raise WeightsError("the 'tiny' test backbone has no ImageNet weights; use --weights none")
         path = keras_cache_path(backbone)
         if not os.path.exists(path):
+            import keras
+
             try:
                 keras.utils.get_file(backbone.imagenet_file, backbone.imagenet_url, cache_subdir="models")
             except Exception as exc:  # no network, proxy, disk ...
@@ -71,10 +120,8 @@ def resolve_weights(backbone: Backbone, weights: str, seed: int = 42, pinned_sha
                 ) from None
         digest = sha256_file(path)
         _check_pin(path, digest, pinned_sha256)
-        model = backbone.build(weights=None)
-        model.load_weights(path)
-        return ResolvedWeights(f"imagenet:sha256:{digest}", model.get_weights())
-    path = os.path.expanduser(spec)
+        return WeightsSource(f"imagenet:sha256:{digest}", path=path)
+    path = os.path.abspath(os.path.expanduser(spec))
     if not os.path.isfile(path):
         raise WeightsError(
             f"model.weights={spec!r} is neither 'imagenet', 'none' nor an existing file; "
@@ -82,12 +129,13 @@ def resolve_weights(backbone: Backbone, weights: str, seed: int = 42, pinned_sha
         )
     digest = sha256_file(path)
     _check_pin(path, digest, pinned_sha256)
-    model = backbone.build(weights=None)
-    try:
-        model.load_weights(path)
-    except Exception as exc:
-        raise WeightsError(
-            f"could not load weights file {path} into {backbone.name}: {type(exc).__name__}: {str(exc)[:300]}. "
-            f"It must hold weights for {backbone.name} with include_top=False."
-        ) from None
-    return ResolvedWeights(f"sha256:{digest}", model.get_weights())
+    source = WeightsSource(f"sha256:{digest}", path=path)
+    if validate:
+        source.build(backbone)  # fail here, with the file named, rather than in every task
+    return source
+
+
+def resolve_weights(backbone: Backbone, weights: str, seed: int = 42, pinned_sha256: str | None = None) -> ResolvedWeights:
+    """Build ``backbone`` with the requested weights and return (weights id, arrays)."""
+    source = weights_source(backbone, weights, seed, pinned_sha256, validate=False)
+    return ResolvedWeights(source.weights_id, source.build(backbone).get_weights())

@@ -1,0 +1,30 @@
+"""The benchmark tool works (a functional check on a few images; numbers are not asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_runs_both_pipelines_on_the_same_images(samples, tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable}
+    result = subprocess.run(
+        [sys.executable, "-m", "imgfeat.cli", "bench", "--input", os.path.join(samples.root, "PNEUMONIA"),
+         "--limit", "20", "--model", "tiny", "--batch-size", "8", "--master", "local[2]",
+         "--workdir", str(tmp_path / "w"), "--json", str(out)],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["images"] == 20 and data["model"] == "tiny"
+    assert data["ours_images_per_s"] > 0 and data["baseline_images_per_s"] > 0
+    assert data["ratio"] == round(data["ours_images_per_s"] / data["baseline_images_per_s"], 3)
+    assert data["ours_memory"]["jvm_mb"] > 0 and data["ours_memory"]["python_workers_mb"] > 0
+    assert {"list_and_plan", "decode_task_seconds", "inference_task_seconds"} <= set(data["stages"])
+    import numpy as np
+
+    assert np.load(tmp_path / "w" / "baseline.npy").shape == (20, 16)
+    assert "ratio ours/baseline" in result.stdout
