@@ -250,6 +250,22 @@ def test_every_notebook_widget_is_a_flag_of_its_command(command):
             assert "--" + widget.name.replace("_", "-") in options, f"{command}: widget {widget.name}"
 
 
+def test_readme_and_docs_tell_the_deploy_command_every_variable_and_the_cluster_lines():
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    docs = open(os.path.join(ROOT, "docs", "databricks.md"), encoding="utf-8").read()
+    clusters = open(os.path.join(ROOT, "docs", "clusters.md"), encoding="utf-8").read()
+    assert "databricks bundle deploy -t dev && databricks bundle run image_features" in readme
+    for name in variable_defaults():
+        assert f"`{name}`" in readme and f"`{name}`" in docs, name
+    for text in (readme, clusters):
+        submits = text.split("spark-submit --master")[1:]
+        masters = [block.split()[0] for block in submits]
+        assert any(m == "yarn" for m in masters) and any(m.startswith("k8s://") for m in masters)
+        assert any(m.startswith("spark://") for m in masters)
+        assert text.count("PYSPARK_PYTHON=./environment/bin/python spark-submit") >= 3
+        assert text.count("--archives dist/imgfeat-env.tar.gz#environment") >= 3
+
+
 # ---------------------------------------------------------------------------------------------
 # widgets -> arguments
 
@@ -341,14 +357,17 @@ def test_train_and_compare_notebooks_run_locally(spark, samples, tmp_path):
     require_command("compare")
     root, uri = str(tmp_path / "out"), f"sqlite:///{tmp_path}/mlflow.db"
     experiment = "/Users/someone@example.com/imgfeat"
+    # Local stand-ins for the Databricks-only settings: Parquet instead of Delta, a sqlite MLflow store,
+    # no conf/databricks.yaml (tracking_uri databricks, Delta).
     run_notebook(notebook_path("extract"), spark, task_params(
-        "extract", input=samples.root, output_root=root, model="tiny", weights="none", format="parquet", batch_size="8"))
+        "extract", input=samples.root, output_root=root, model="tiny", weights="none", format="parquet",
+        batch_size="8", config=""))
     trained = run_notebook(notebook_path("train"), spark, task_params(
-        "train", output_root=root, experiment=experiment, tracking_uri=uri, register=""))
+        "train", output_root=root, experiment=experiment, tracking_uri=uri, register="", config=""))
     result = trained["result"]
     assert result.parent_run_id
     compared = run_notebook(notebook_path("compare"), spark, task_params(
-        "compare", experiment=experiment, tracking_uri=uri, positive_class="PNEUMONIA"))
+        "compare", experiment=experiment, tracking_uri=uri, positive_class="PNEUMONIA", config=""))
     table = compared["table"]
     assert len(table) == 3  # one backbone x lr, rf, dt
     assert compared["_shown"][0] is table
@@ -420,24 +439,23 @@ def test_make_dist_packs_a_separate_env_and_leaves_the_dev_env_alone():
 
 @pytest.mark.integration
 def test_packed_env_runs_the_extract_job_under_spark_submit(samples, tmp_path):
-    """`make dist` first (slow, ~1.5 GB). Executors run ./environment/bin/python from the archive."""
+    """`make dist` first (slow). Client mode as in docs/clusters.md: the archive is shipped with --archives and
+    unpacked once where we submit as ./environment (driver; in local mode also the workers' working directory)."""
     archive = os.path.join(ROOT, "dist", "imgfeat-env.tar.gz")
     if not os.path.isfile(archive):
         pytest.skip("run `make dist` first")
-    driver = tmp_path / "driver-env"  # the driver (client mode) uses its own unpacked copy
-    driver.mkdir()
     with tarfile.open(archive) as tar:
-        tar.extractall(driver)
-    subprocess.run([str(driver / "bin" / "venv-unpack")], check=True)
-    out = str(tmp_path / "features")
+        tar.extractall(tmp_path / "environment")
+    import pyspark
+
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYSPARK_DRIVER_PYTHON")}
-    env.update(PYSPARK_PYTHON="./environment/bin/python", PYSPARK_DRIVER_PYTHON=str(driver / "bin" / "python"))
-    spark_submit = os.path.join(os.path.dirname(sys.executable), "spark-submit")
+    env.update(PYSPARK_PYTHON="./environment/bin/python", SPARK_HOME=os.path.dirname(pyspark.__file__))
+    spark_submit = os.path.join(os.path.dirname(pyspark.__file__), "bin", "spark-submit")
     done = subprocess.run(
         [spark_submit, "--master", "local[2]", "--archives", f"{archive}#environment",
-         os.path.join(ROOT, "jobs", "extract_features.py"), "--input", samples.root, "--output", out,
+         os.path.join(ROOT, "jobs", "extract_features.py"), "--input", samples.root, "--output", "out/features",
          "--model", "tiny", "--weights", "none", "--format", "parquet"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800,
     )
     assert done.returncode == 0, done.stderr[-4000:]
     assert f"featurized {samples.valid} + failed {len(samples.bad)}" in done.stdout
