@@ -36,5 +36,28 @@ bench: setup
 lint: setup
 	$(PY) -m ruff check lib jobs tests bench notebooks
 
+# `make dist`: dist/imgfeat-<version>-py3-none-any.whl and dist/imgfeat-env.tar.gz, a packed virtual
+# environment: exactly the pins of requirements.lock (a complete closure, hence --no-deps) minus pyspark and
+# py4j, which the cluster's Spark puts on the workers' path, plus the wheel
+# for `spark-submit --archives dist/imgfeat-env.tar.gz#environment`. venv-pack does not copy Python itself:
+# the nodes need the same Python version at the same prefix, or pass DIST_PYTHON_PREFIX=/usr (say) to link
+# ./environment/bin/python to <prefix>/bin/python3.X there. Does not touch .venv.
+DIST_ENV ?= build/dist-env
+DIST_PYTHON ?= $(shell $(PY) -c "import sys; print(sys._base_executable)")
+DIST_PYTHON_PREFIX ?=
+dist:
+	test -x $(PY) || $(MAKE) setup
+	rm -rf build/lib build/bdist.* dist/imgfeat-*.whl
+	$(PY) -m build --wheel --no-isolation --outdir dist .
+	rm -rf $(DIST_ENV)
+	$(DIST_PYTHON) -m venv $(DIST_ENV)
+	grep -vE '^(pyspark|py4j)==' requirements.lock > build/dist-requirements.txt
+	$(DIST_ENV)/bin/python -I -m pip install -q --no-deps -r build/dist-requirements.txt
+	$(DIST_ENV)/bin/python -I -m pip install -q --no-deps dist/imgfeat-*.whl
+	$(DIST_ENV)/bin/python -I -c "import imgfeat, tensorflow, PIL, pyarrow; print('dist env ok:', imgfeat.__file__)"
+	$(PY) -m venv_pack --prefix $(DIST_ENV) --output dist/imgfeat-env.tar.gz --force --quiet \
+		$(if $(DIST_PYTHON_PREFIX),--python-prefix $(DIST_PYTHON_PREFIX))
+	ls -lh dist
+
 clean:
 	rm -rf build dist *.egg-info lib/*.egg-info .pytest_cache

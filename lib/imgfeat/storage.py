@@ -30,6 +30,22 @@ def is_table_name(location: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_`][\w`]*){1,2}", location))
 
 
+def location_in(root: str, name: str) -> str:
+    """A table ``name`` under an output root: ``catalog.schema`` -> ``catalog.schema.name``; a folder -> ``folder/name``.
+
+    A root with one dot and no slash or scheme is read as a Unity Catalog (or metastore) ``catalog.schema``;
+    write ``./out.v2`` for a local folder with a dot in its name.
+    """
+    root = root.strip()
+    if not root:
+        raise ValueError("empty output root: give a folder (dbfs:/..., /Volumes/..., s3://...) or catalog.schema")
+    if is_table_name(root):
+        if root.count(".") != 1:
+            raise ValueError(f"output root {root!r} looks like a table name; give catalog.schema (one dot) or a folder")
+        return f"{root}.{name}"
+    return f"{root.rstrip('/')}/{name}"
+
+
 def resolve_format(spark: SparkSession, requested: str) -> str:
     """auto -> delta when available, else parquet (logged); delta without Delta -> clear error."""
     available = delta_available(spark)
