@@ -118,15 +118,84 @@ class SparkConfig:
 
 
 @dataclass
+class HeadParamsConfig:
+    """Hyperparameters of the heads when no grid search runs (train.cv_folds=0, validation_fraction=0)."""
+
+    lr_max_iter: int = 100
+    lr_reg_param: float = 0.01
+    lr_elastic_net_param: float = 0.0
+    rf_num_trees: int = 50
+    rf_max_depth: int = 8
+    dt_max_depth: int = 6
+    gbt_max_iter: int = 20
+    gbt_max_depth: int = 4
+    svc_max_iter: int = 100
+    svc_reg_param: float = 0.01
+
+
+@dataclass
+class GridConfig:
+    """Small grids searched by CrossValidator (train.cv_folds >= 2) or TrainValidationSplit."""
+
+    lr_reg_param: list[float] = field(default_factory=lambda: [0.0, 0.01, 0.1])
+    lr_elastic_net_param: list[float] = field(default_factory=lambda: [0.0, 0.5])
+    rf_num_trees: list[int] = field(default_factory=lambda: [20, 50])
+    rf_max_depth: list[int] = field(default_factory=lambda: [5, 10])
+    dt_max_depth: list[int] = field(default_factory=lambda: [4, 8])
+    gbt_max_depth: list[int] = field(default_factory=lambda: [3, 5])
+    svc_reg_param: list[float] = field(default_factory=lambda: [0.0, 0.01, 0.1])
+
+
+@dataclass
+class KerasHeadConfig:
+    """The ``keras`` head: a softmax (hidden_units=0) or one-hidden-layer net fed through Petastorm."""
+
+    hidden_units: int = 0
+    epochs: int = 30
+    batch_size: int = 32
+    learning_rate: float = 0.01
+    # Petastorm's Parquet cache for make_spark_converter (file:///... locally, dbfs:/... on Databricks).
+    cache_dir: str = "file:///tmp/imgfeat-petastorm"
+
+
+@dataclass
 class TrainConfig:
+    # Features table written by `extract` (path, or catalog.schema.table with Delta).
     features: str | None = None
+    # lr, rf, dt (MLlib), gbt (GBT; one-vs-rest for >2 classes), svc (LinearSVC; one-vs-rest), keras.
     heads: list[str] = field(default_factory=lambda: ["lr", "rf", "dt"])
+    # Backbones to train on; empty = every backbone (model + weights id) in the features table.
+    backbones: list[str] = field(default_factory=list)
+    # auto: the table's split column when it has train and test rows, else hash;
+    # column: the split column (train/test) is required; hash: seeded, exactly stratified per class.
+    split_mode: Literal["auto", "column", "hash"] = "auto"
     test_fraction: float = 0.2
     seed: int = 42
+    # >= 2: CrossValidator with K folds over train.grid; 0: fixed train.params.
     cv_folds: int = 0
+    # > 0 (and cv_folds=0): TrainValidationSplit over train.grid with this validation share.
+    validation_fraction: float = 0.0
+    # Weight each training row by n / (classes * class count) (imbalanced data).
     class_weighting: bool = False
+    # Class whose precision/recall/F1 the comparison table shows; null = the last label in order.
     positive_class: str | None = None
+    # Register the best child run's model in the Model Registry under this name.
     register: str | None = None
+    # Metric that picks the best run (for register and compare): any test_* metric name.
+    select_metric: str = "test_f1_macro"
+    # Tag "dataset" of the runs; null = the features table's name.
+    dataset: str | None = None
+    params: HeadParamsConfig = field(default_factory=HeadParamsConfig)
+    grid: GridConfig = field(default_factory=GridConfig)
+    keras: KerasHeadConfig = field(default_factory=KerasHeadConfig)
+
+
+@dataclass
+class PredictConfig:
+    # runs:/RUN_ID/model or models:/NAME/VERSION (a model logged by `train`).
+    model_uri: str | None = None
+    # Also write one column per class with its probability.
+    probability_columns: bool = True
 
 
 @dataclass
@@ -146,6 +215,7 @@ class Config:
     spark: SparkConfig = field(default_factory=SparkConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -248,6 +318,10 @@ def _validate(cfg: Config) -> None:
         (cfg.input.max_file_bytes > 0, "input.max_file_bytes must be > 0"),
         (cfg.preprocess.max_pixels > 0, "preprocess.max_pixels must be > 0"),
         (cfg.train.cv_folds == 0 or cfg.train.cv_folds >= 2, "train.cv_folds must be 0 or >= 2"),
+        (0.0 <= cfg.train.validation_fraction < 1.0, "train.validation_fraction must be in [0, 1)"),
+        (cfg.train.keras.epochs >= 1, "train.keras.epochs must be >= 1"),
+        (cfg.train.keras.batch_size >= 1, "train.keras.batch_size must be >= 1"),
+        (cfg.train.keras.hidden_units >= 0, "train.keras.hidden_units must be >= 0 (0 = softmax only)"),
         (
             cfg.input.label.mode != "manifest" or bool(cfg.input.label.manifest),
             "input.label.mode=manifest needs input.label.manifest (a CSV with path,label)",
@@ -262,6 +336,11 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(
             f"model.name: unknown backbone {cfg.model.name!r}; available: {', '.join(sorted(BACKBONES))}"
         )
+    from imgfeat.heads import HEADS
+
+    unknown = [h for h in cfg.train.heads if h not in HEADS]
+    if unknown:
+        raise ConfigError(f"train.heads: unknown head(s) {', '.join(unknown)}; available: {', '.join(HEADS)}")
     sha = cfg.model.weights_sha256
     if sha is not None and (len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha.lower())):
         raise ConfigError("model.weights_sha256 must be 64 hexadecimal characters")

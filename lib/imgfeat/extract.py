@@ -125,7 +125,36 @@ def _start_warmup(spark: SparkSession, spec: FeaturizeSpec, broadcast: Any) -> t
     return thread
 
 
-def _existing_keys(spark: SparkSession, cfg: Config, fmt: str, weights_id: str) -> DataFrame | None:
+def unread_errors(todo: DataFrame, contents: DataFrame, max_file_bytes: int) -> DataFrame:
+    """The files of ``todo`` never read (empty, too large, or gone since listing), with error class and message."""
+    from pyspark.sql import functions as F
+
+    return (
+        todo.join(contents.select("path"), on="path", how="left_anti")
+        .withColumn(
+            "error_class",
+            F.when(F.col("file_length") == 0, F.lit(EMPTY_FILE))
+            .when(F.col("file_length") > max_file_bytes, F.lit(TOO_LARGE))
+            .otherwise(F.lit(UNREADABLE)),
+        )
+        .withColumn(
+            "error_message",
+            F.when(F.col("error_class") == EMPTY_FILE, F.lit("the file is empty (0 bytes)"))
+            .when(
+                F.col("error_class") == TOO_LARGE,
+                F.concat(
+                    F.lit("file is "),
+                    F.col("file_length").cast("string"),
+                    F.lit(f" bytes, over input.max_file_bytes={max_file_bytes}"),
+                ),
+            )
+            .otherwise(F.lit("the file could not be read (it disappeared or is unreadable since listing)")),
+        )
+    )
+
+
+def existing_keys(spark: SparkSession, cfg: Config, fmt: str, weights_id: str, model: str | None = None) -> DataFrame | None:
+    """(path, model, weights_id, fingerprint) already in the output or errors table for ``model`` (default model.name)."""
     from pyspark.sql import functions as F
 
     from imgfeat.storage import read_table, table_exists
@@ -137,9 +166,33 @@ def _existing_keys(spark: SparkSession, cfg: Config, fmt: str, weights_id: str) 
     if not frames:
         return None
     keys = frames[0] if len(frames) == 1 else frames[0].unionByName(frames[1])
-    return keys.filter((F.col("model") == cfg.model.name) & (F.col("weights_id") == weights_id)).dropDuplicates(
+    model = model or cfg.model.name
+    return keys.filter((F.col("model") == model) & (F.col("weights_id") == weights_id)).dropDuplicates(
         ["path", *FINGERPRINT]
     )
+
+
+def plan_work(
+    spark: SparkSession, images: DataFrame, existing: DataFrame | None, mode: str
+) -> tuple[DataFrame, int, DataFrame | None, int]:
+    """(todo, its count, paths whose old rows must be replaced, their count) for incremental/overwrite runs.
+
+    ``todo`` is materialised (local checkpoint) so that the plan never reads the tables about to be rewritten.
+    """
+    if existing is None or mode == "overwrite":
+        todo = images
+        replace = existing.select("path").distinct() if existing is not None else None
+    else:
+        todo = images.join(existing.select("path", *FINGERPRINT), on=["path", *FINGERPRINT], how="left_anti")
+        replace = todo.join(existing.select("path").distinct(), on="path", how="left_semi").select("path")
+    # Materialise what this run will do before any table is rewritten: the plan must not read the
+    # tables it is about to replace.
+    todo = todo.localCheckpoint(eager=True)
+    n_todo = todo.count()
+    replaced_paths = [r["path"] for r in replace.collect()] if replace is not None else []
+    n_replaced = len(replaced_paths)
+    replace = spark.createDataFrame([(p,) for p in replaced_paths], "path string") if n_replaced else None
+    return todo, n_todo, replace, n_replaced
 
 
 def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
@@ -167,20 +220,8 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
     images = images.persist(StorageLevel.MEMORY_AND_DISK)
     n_listed = images.count()
     n_other = others.count()
-    existing = _existing_keys(spark, cfg, fmt, resolved.weights_id)
-    if existing is None or cfg.output.mode == "overwrite":
-        todo = images
-        replace = existing.select("path").distinct() if existing is not None else None
-    else:
-        todo = images.join(existing.select("path", *FINGERPRINT), on=["path", *FINGERPRINT], how="left_anti")
-        replace = todo.join(existing.select("path").distinct(), on="path", how="left_semi").select("path")
-    # Materialise what this run will do before any table is rewritten: the plan must not read the
-    # tables it is about to replace.
-    todo = todo.localCheckpoint(eager=True)
-    n_todo = todo.count()
-    replaced_paths = [r["path"] for r in replace.collect()] if replace is not None else []
-    n_replaced = len(replaced_paths)
-    replace = spark.createDataFrame([(p,) for p in replaced_paths], "path string") if n_replaced else None
+    existing = existing_keys(spark, cfg, fmt, resolved.weights_id)
+    todo, n_todo, replace, n_replaced = plan_work(spark, images, existing, cfg.output.mode)
     meta = [
         F.lit(backbone.name).alias("model"),
         F.lit(resolved.weights_id).alias("weights_id"),
@@ -207,30 +248,7 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
             broadcast,
             accumulators,
         )
-        # Files never read: too large to read, or gone between listing and reading.
-        unread = (
-            todo.join(contents.select("path"), on="path", how="left_anti")
-            .withColumn(
-                "error_class",
-                F.when(F.col("file_length") == 0, F.lit(EMPTY_FILE))
-                .when(F.col("file_length") > cfg.input.max_file_bytes, F.lit(TOO_LARGE))
-                .otherwise(F.lit(UNREADABLE)),
-            )
-            .withColumn(
-                "error_message",
-                F.when(F.col("error_class") == EMPTY_FILE, F.lit("the file is empty (0 bytes)"))
-                .when(
-                    F.col("error_class") == TOO_LARGE,
-                    F.concat(
-                        F.lit("file is "),
-                        F.col("file_length").cast("string"),
-                        F.lit(f" bytes, over input.max_file_bytes={cfg.input.max_file_bytes}"),
-                    ),
-                )
-                .otherwise(F.lit("the file could not be read (it disappeared or is unreadable since listing)")),
-            )
-        )
-        unread = unread.persist(StorageLevel.MEMORY_AND_DISK)
+        unread = unread_errors(todo, contents, cfg.input.max_file_bytes).persist(StorageLevel.MEMORY_AND_DISK)
         rows = rows.persist(StorageLevel.MEMORY_AND_DISK)
         write_started = time.time()
         feature_rows = rows.filter(F.col("error_class").isNull()).select(
@@ -245,8 +263,8 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
             .unionByName(unread.select(*error_cols))
             .select(*error_cols[:5], *meta, *error_cols[5:])
         )
-        append_rows(spark, feature_rows, cfg.output.path, fmt, replace=_keys(replace, backbone.name, resolved.weights_id))
-        append_rows(spark, error_rows, cfg.errors_path, fmt, replace=_keys(replace, backbone.name, resolved.weights_id))
+        append_rows(spark, feature_rows, cfg.output.path, fmt, replace=replace_keys(replace, backbone.name, resolved.weights_id))
+        append_rows(spark, error_rows, cfg.errors_path, fmt, replace=replace_keys(replace, backbone.name, resolved.weights_id))
         counts = {r["ok"]: r["n"] for r in rows.groupBy(F.col("error_class").isNull().alias("ok")).agg(F.count("*").alias("n")).collect()}
         featurized = counts.get(True, 0)
         failed = counts.get(False, 0) + unread.count()
@@ -281,7 +299,7 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
     return result
 
 
-def _keys(replace: DataFrame | None, model: str, weights_id: str) -> DataFrame | None:
+def replace_keys(replace: DataFrame | None, model: str, weights_id: str) -> DataFrame | None:
     from pyspark.sql import functions as F
 
     if replace is None:

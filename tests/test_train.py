@@ -1,0 +1,266 @@
+"""Train, compare and predict: metrics vs scikit-learn, heads on separable features, MLflow runs and
+artifacts in a temporary sqlite store, the logged model scoring raw images, batch prediction."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from imgfeat.config import load_config
+from imgfeat.metrics import binary_auc, classification_metrics
+
+from conftest import tiny_config
+
+# ---------------------------------------------------------------------------------------------
+# metrics (no Spark)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_metrics_equal_scikit_learn(k):
+    from sklearn import metrics as skm
+
+    rng = np.random.default_rng(k)
+    n = 300
+    y = rng.integers(0, k, n)
+    proba = rng.dirichlet(np.ones(k), n)
+    proba[np.arange(n), y] += rng.random(n)  # informative, not perfect
+    proba /= proba.sum(axis=1, keepdims=True)
+    pred = proba.argmax(axis=1)
+    labels = ["COVID", "NORMAL", "PNEUMONIA"][:k]
+    got, report = classification_metrics(y, pred, proba, labels)
+
+    assert got["test_accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
+    assert got["test_f1_macro"] == pytest.approx(skm.f1_score(y, pred, average="macro"))
+    assert got["test_f1_weighted"] == pytest.approx(skm.f1_score(y, pred, average="weighted"))
+    assert got["test_kappa"] == pytest.approx(skm.cohen_kappa_score(y, pred))
+    assert got["test_log_loss"] == pytest.approx(skm.log_loss(y, proba, labels=list(range(k))))
+    expected_auc = skm.roc_auc_score(y, proba[:, 1]) if k == 2 else skm.roc_auc_score(y, proba, multi_class="ovr", average="macro")
+    assert got["test_roc_auc"] == pytest.approx(expected_auc)
+    precision, recall, f1, _ = skm.precision_recall_fscore_support(y, pred, labels=list(range(k)))
+    for i, label in enumerate(labels):
+        assert got[f"test_precision_{label}"] == pytest.approx(precision[i])
+        assert got[f"test_recall_{label}"] == pytest.approx(recall[i])
+        assert got[f"test_f1_{label}"] == pytest.approx(f1[i])
+    assert report["confusion_matrix"] == skm.confusion_matrix(y, pred).tolist()
+
+
+def test_auc_handles_ties_like_scikit_learn():
+    from sklearn.metrics import roc_auc_score
+
+    y = np.array([0, 0, 1, 1, 0, 1, 1, 0])
+    s = np.array([0.1, 0.5, 0.5, 0.9, 0.5, 0.2, 0.9, 0.1])
+    assert binary_auc(y == 1, s) == pytest.approx(roc_auc_score(y, s))
+
+
+# ---------------------------------------------------------------------------------------------
+# heads on separable synthetic features
+
+
+def _separable_table(spark, path, per_class=60, dim=16, classes=("A", "B", "C"), models=("tiny",)):
+    """A features table like extract's: Gaussian clusters, one per class, for each model."""
+    import hashlib
+
+    rng = np.random.default_rng(7)
+    centres = rng.normal(0, 4, (len(classes), dim))
+    rows = []
+    for m, model in enumerate(models):
+        for c, label in enumerate(classes):
+            for i in range(per_class):
+                image_id = hashlib.sha256(f"{label}/{i}".encode()).hexdigest()[:24]
+                vec = (centres[c] + rng.normal(0, 1.0, dim) + m).astype(float).tolist()
+                rows.append((image_id, f"file:/x/{label}/{i}.png", f"{label}/{i}.png", label, None, vec, model, "none-seed42"))
+    schema = ("image_id string, path string, rel_path string, label string, split string, features array<float>, "
+              "model string, weights_id string")
+    spark.createDataFrame(rows, schema).write.mode("overwrite").parquet(path)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return "sqlite:///" + str(tmp_path_factory.mktemp("mlflow") / "mlflow.db")
+
+
+@pytest.fixture(scope="module")
+def trained_all_heads(spark, tmp_path_factory, store):
+    from imgfeat.train import run_train
+
+    tmp = tmp_path_factory.mktemp("heads")
+    table = str(tmp / "features")
+    _separable_table(spark, table)
+    # Few iterations: each MLlib iteration is a Spark job, and these are separable clusters.
+    cfg = load_config(sets=[
+        f"train.features={table}", "train.heads=[lr, rf, dt, gbt, svc, keras]", f"mlflow.tracking_uri={store}",
+        "mlflow.experiment=heads", "train.params.rf_num_trees=10", "train.params.gbt_max_iter=3",
+        "train.params.lr_max_iter=15", "train.params.svc_max_iter=5", "train.keras.epochs=10",
+        f"train.keras.cache_dir=file://{tmp}/petastorm", "train.class_weighting=true",
+    ])
+    return run_train(spark, cfg), cfg
+
+
+def test_every_head_reaches_high_accuracy_on_separable_features(trained_all_heads):
+    result, _ = trained_all_heads
+    assert [r.head for r in result.runs] == ["lr", "rf", "dt", "gbt", "svc", "keras"]
+    assert result.labels == ["A", "B", "C"]
+    assert result.split_mode == "hash"
+    assert (result.n_train, result.n_test) == (144, 36)  # exactly 20% of each class of 60
+    for run in result.runs:
+        assert run.metrics["test_accuracy"] > 0.9, (run.head, run.metrics)
+        assert run.metrics["test_roc_auc"] > 0.9, (run.head, run.metrics)
+    assert result.best_run_id in {r.run_id for r in result.runs}
+
+
+def test_runs_params_metrics_and_artifacts_are_in_the_store(trained_all_heads, store):
+    from mlflow.tracking import MlflowClient
+
+    result, _ = trained_all_heads
+    client = MlflowClient(store)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.data.tags["imgfeat.kind"] == "train"
+    assert {a.path for a in client.list_artifacts(result.parent_run_id)} >= {"test_images.csv"}
+    children = client.search_runs([result.experiment_id], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+    assert len(children) == 6
+    for child in children:
+        tags, params, metrics = child.data.tags, child.data.params, child.data.metrics
+        assert tags["backbone"] == "tiny" and tags["dataset"] == "features" and params["head"] == tags["head"]
+        for key in ("backbone", "weights_id", "head", "split_seed", "test_fraction", "train_count_A", "test_count_C", "features_table"):
+            assert key in params, key
+        for key in ("test_accuracy", "test_f1_macro", "test_f1_weighted", "test_kappa", "test_roc_auc",
+                    "test_precision_A", "test_recall_B", "test_f1_C"):
+            assert key in metrics, key
+        assert "test_log_loss" in metrics
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"confusion_matrix.png", "roc_curve.png", "classification_report.json"} <= artifacts
+        report = json.loads(open(client.download_artifacts(child.info.run_id, "classification_report.json")).read())
+        assert sum(map(sum, report["confusion_matrix"])) == result.n_test  # the same 36 test images for every head
+
+
+def test_the_split_is_the_same_for_every_backbone_and_stratified(spark, tmp_path, store):
+    from imgfeat.train import assign_split, read_features
+
+    table = str(tmp_path / "two")
+    _separable_table(spark, table, per_class=25, classes=("N", "P"), models=("m1", "m2"))
+    cfg = load_config(sets=[f"train.features={table}", "train.test_fraction=0.2"])
+    df = read_features(spark, cfg)
+    images = df.select("image_id", "label", "split").dropDuplicates(["image_id"])
+    split, mode = assign_split(images, cfg)
+    assert mode == "hash"
+    counts = {(r["label"], r["is_test"]): r["n"] for r in split.groupBy("label", "is_test").count().withColumnRenamed("count", "n").collect()}
+    assert counts == {("N", True): 5, ("N", False): 20, ("P", True): 5, ("P", False): 20}
+    again, _ = assign_split(images, cfg)
+    assert sorted(r["image_id"] for r in split.filter("is_test").collect()) == sorted(r["image_id"] for r in again.filter("is_test").collect())
+
+
+def test_compare_prints_sorted_table_and_logs_it(trained_all_heads, store, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from imgfeat.cli import main
+
+    result, _ = trained_all_heads
+    assert main(["compare", "--experiment", "heads", "--positive-class", "C", "--tracking-uri", store]) == 0
+    out = capsys.readouterr().out
+    assert "f1_C" in out and "keras" in out and "mlflow ui --backend-store-uri" in out
+    from imgfeat.compare import run_compare
+
+    cfg = load_config(sets=[f"mlflow.tracking_uri={store}", "mlflow.experiment=heads", "train.positive_class=B"])
+    table = run_compare(cfg)
+    assert len(table) == 6
+    assert list(table["f1_macro"]) == sorted(table["f1_macro"], reverse=True)
+    assert {"accuracy", "precision_B", "recall_B", "f1_B", "f1_macro", "kappa", "auc"} <= set(table.columns)
+    artifacts = {a.path for a in MlflowClient(store).list_artifacts(result.parent_run_id)}
+    assert {"comparison.md", "comparison.csv", "comparison.png"} <= artifacts
+
+
+def test_compare_names_a_wrong_positive_class(trained_all_heads, store):
+    from imgfeat.compare import run_compare
+
+    cfg = load_config(sets=[f"mlflow.tracking_uri={store}", "mlflow.experiment=heads", "train.positive_class=COVID"])
+    with pytest.raises(ValueError, match="COVID.*not one of the trained labels"):
+        run_compare(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end on images: extract -> train (CLI) -> logged model on raw bytes -> predict
+
+
+@pytest.fixture(scope="module")
+def image_run(spark, samples, tmp_path_factory, store):
+    from imgfeat.cli import main
+    from imgfeat.extract import run_extract
+
+    tmp = tmp_path_factory.mktemp("e2e")
+    features = str(tmp / "features")
+    run_extract(spark, tiny_config(samples.root, features, "input.split.mode=hash", "input.split.test_fraction=0.3"))
+    js = str(tmp / "train.json")
+    assert main(["train", "--features", features, "--heads", "lr,dt", "--experiment", "e2e", "--tracking-uri", store,
+                 "--json", js, "--register", "imgfeat-test"]) == 0
+    return json.load(open(js)), features, tmp
+
+
+def test_logged_model_scores_raw_image_bytes_like_the_head_on_features(spark, samples, image_run, store):
+    import mlflow.spark
+    from pyspark.sql import functions as F
+
+    result, features, _ = image_run
+    assert result["split_mode"] == "column"  # the table's hash split from extract
+    lr = next(r for r in result["runs"] if r["head"] == "lr")
+    mlflow.set_tracking_uri(store)
+    model = mlflow.spark.load_model(f"runs:/{lr['run_id']}/model")
+    assert [type(s).__name__ for s in model.stages] == ["ImageFeaturizer", "LogisticRegressionModel", "IndexToString"]
+    good = [p for p in _image_files(samples.root) if "bad_" not in p]
+    raw = spark.read.format("binaryFile").load(good).select("path", "content")
+    scored = {r["path"]: r["prediction"] for r in model.transform(raw).select("path", "prediction").collect()}
+    assert len(scored) == samples.valid and set(scored.values()) <= {"NORMAL", "PNEUMONIA"}
+    # The same head on the stored features gives the same labels: featurizer + head reproduce training.
+    table = spark.read.parquet(features).select("path", F.col("features"))
+    from pyspark.ml import PipelineModel
+    from pyspark.ml.functions import array_to_vector
+
+    head = PipelineModel(stages=model.stages[1:])
+    direct = {r["path"]: r["prediction"] for r in head.transform(table.withColumn("features", array_to_vector("features"))).collect()}
+    assert direct == scored
+
+
+def test_register_puts_the_best_model_in_the_registry(image_run, store):
+    from mlflow.tracking import MlflowClient
+
+    result, _, _ = image_run
+    assert result["registered"]["name"] == "imgfeat-test"
+    version = MlflowClient(store).get_model_version("imgfeat-test", result["registered"]["version"])
+    assert version.run_id == result["best_run_id"]
+
+
+def test_predict_writes_one_row_per_image_and_errors_and_is_incremental(spark, samples, image_run, store):
+    from imgfeat.predict import run_predict
+
+    result, _, tmp = image_run
+    uri = f"runs:/{result['best_run_id']}/model"
+    cfg = load_config(overrides={"predict.model_uri": uri, "input.path": samples.root, "output.path": str(tmp / "preds"),
+                                 "output.format": "parquet", "mlflow.tracking_uri": store})
+    first = run_predict(spark, cfg)
+    assert (first.predicted, first.failed) == (samples.valid, len(samples.bad))
+    preds = spark.read.parquet(str(tmp / "preds")).toPandas()
+    assert len(preds) == samples.valid and preds["path"].is_unique
+    assert set(preds["prediction"]) <= {"NORMAL", "PNEUMONIA"}
+    assert np.allclose(preds["probability_NORMAL"] + preds["probability_PNEUMONIA"], 1.0)
+    errors = spark.read.parquet(str(tmp / "preds_errors")).toPandas()
+    assert dict(zip(errors["path"].str.replace("file:", ""), errors["error_class"])) == samples.bad
+    second = run_predict(spark, cfg)
+    assert (second.processed, second.already_done) == (0, samples.valid + len(samples.bad))
+
+
+def test_predict_says_what_is_wrong_with_a_non_imgfeat_model_uri(spark, tmp_path, store):
+    from imgfeat.predict import run_predict
+
+    cfg = load_config(overrides={"input.path": str(tmp_path), "output.path": str(tmp_path / "p"), "mlflow.tracking_uri": store})
+    with pytest.raises(ValueError, match="--model-uri"):
+        run_predict(spark, cfg)
+
+
+def _image_files(root):
+    out = []
+    for base, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith((".", "_"))]
+        out += [os.path.join(base, f) for f in files if not f.startswith((".", "_")) and not f.endswith(".txt")]
+    return sorted(out)
