@@ -90,10 +90,11 @@ def featurize_contents(spark: SparkSession, cfg: Config, contents: DataFrame, we
 def _existing_keys(spark: SparkSession, cfg: Config, fmt: str, weights_id: str) -> DataFrame | None:
     from pyspark.sql import functions as F
 
-    from imgfeat.storage import read_table, table_exists
+    from imgfeat.storage import read_table, repair, table_exists
 
     frames = []
     for location in (cfg.output.path, cfg.errors_path):
+        repair(spark, location, fmt)
         if table_exists(spark, location, fmt):
             frames.append(read_table(spark, location, fmt).select("path", "model", "weights_id", *FINGERPRINT))
     if not frames:
@@ -102,6 +103,20 @@ def _existing_keys(spark: SparkSession, cfg: Config, fmt: str, weights_id: str) 
     return keys.filter((F.col("model") == cfg.model.name) & (F.col("weights_id") == weights_id)).dropDuplicates(
         ["path", *FINGERPRINT]
     )
+
+
+def _done_keys(images: DataFrame, existing: DataFrame) -> DataFrame:
+    """(path, fingerprint) of the listed files that are done: in a table with their current fingerprint
+    and with no row left from an older version of the file.
+
+    A run that dies after writing the features table but before the errors table (or the reverse)
+    leaves a changed file with a new row in one table and its old row in the other; such a file is not
+    done, so the next run processes it again and replaces both rows.
+    """
+    current = images.select("path", *FINGERPRINT)
+    stale = existing.join(current, on=["path", *FINGERPRINT], how="left_anti").select("path")
+    keys = existing.select("path", *FINGERPRINT)
+    return keys.join(stale.join(current.select("path"), on="path", how="left_semi"), on="path", how="left_anti")
 
 
 def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
@@ -131,7 +146,7 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
         todo = images
         replace = existing.select("path").distinct() if existing is not None else None
     else:
-        todo = images.join(existing.select("path", *FINGERPRINT), on=["path", *FINGERPRINT], how="left_anti")
+        todo = images.join(_done_keys(images, existing), on=["path", *FINGERPRINT], how="left_anti")
         replace = todo.join(existing.select("path").distinct(), on="path", how="left_semi").select("path")
     # Materialise what this run will do before any table is rewritten: the plan must not read the
     # tables it is about to replace.
