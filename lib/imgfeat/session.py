@@ -29,6 +29,11 @@ def get_spark(cfg: Config) -> SparkSession:
         _set_runtime_conf(active, cfg)
         return active
 
+    if "PYSPARK_GATEWAY_PORT" in os.environ:
+        # Started by spark-submit: attach to its JVM first, or SparkConf() is empty and --master is ignored.
+        from pyspark import SparkContext
+
+        SparkContext._ensure_initialized()
     submitted = SparkConf()  # holds what spark-submit passed, if anything
     builder = SparkSession.builder.appName(cfg.spark.app_name)
     if not submitted.contains("spark.master"):
