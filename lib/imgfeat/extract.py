@@ -125,7 +125,7 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
     from pyspark.sql import functions as F
 
     from imgfeat.ingest import list_files, read_contents
-    from imgfeat.storage import append_rows, resolve_format
+    from imgfeat.storage import append_rows, drop_scratch, materialize, resolve_format
     from imgfeat.weights import resolve_weights
 
     if not cfg.output.path:
@@ -150,7 +150,7 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
         replace = todo.join(existing.select("path").distinct(), on="path", how="left_semi").select("path")
     # Materialise what this run will do before any table is rewritten: the plan must not read the
     # tables it is about to replace.
-    todo = todo.localCheckpoint(eager=True)
+    todo = materialize(spark, todo, cfg.output.path, f"todo-{run_id}")
     n_todo = todo.count()
     replaced_paths = [r["path"] for r in replace.collect()] if replace is not None else []
     n_replaced = len(replaced_paths)
@@ -221,6 +221,7 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
         failed = counts.get(False, 0) + unread.count()
         rows.unpersist()
     images.unpersist()
+    drop_scratch(spark, cfg.output.path, f"todo-{run_id}")
     result = ExtractResult(
         listed=n_listed,
         ignored_other_files=n_other,

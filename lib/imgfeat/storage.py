@@ -156,3 +156,23 @@ def repair(spark: SparkSession, location: str, fmt: str) -> None:
         log.warning("removing %s/_temporary, the uncommitted output of a killed run", location)
         fs.delete(temporary, True)
 
+
+def materialize(spark: SparkSession, df: DataFrame, location: str, tag: str) -> DataFrame:
+    """Freeze ``df`` so later plans never re-read what it was computed from (e.g. tables about to be replaced).
+
+    Written to a scratch Parquet folder beside ``location`` (``drop_scratch`` removes it; ``repair``
+    removes one a killed run left), so it survives the loss of executors, unlike ``localCheckpoint``.
+    For a table name there is no folder beside it: a local checkpoint is used.
+    """
+    if is_table_name(location):
+        return df.localCheckpoint(eager=True)
+    scratch = f"{location.rstrip('/')}.imgfeat-staging-{tag}"
+    df.write.mode("overwrite").parquet(scratch)
+    return spark.read.parquet(scratch)
+
+
+def drop_scratch(spark: SparkSession, location: str, tag: str) -> None:
+    if not is_table_name(location):
+        fs, scratch = _hadoop_fs(spark, f"{location.rstrip('/')}.imgfeat-staging-{tag}")
+        fs.delete(scratch, True)
+
