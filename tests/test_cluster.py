@@ -89,7 +89,8 @@ def test_standalone_cluster_with_worker_loss_matches_local_run(spark, cluster, t
         got = spark.read.parquet(out + suffix).toPandas().sort_values("path").reset_index(drop=True)
         want = spark.read.parquet(local.output.path + suffix).toPandas().sort_values("path").reset_index(drop=True)
         assert got["path"].is_unique and list(got["path"]) == list(want["path"])
-        for col in ("label", "image_id", "width", "height", "source_mode", "error_class" if suffix else "weights_id"):
+        same = ("error_class", "file_length") if suffix else ("weights_id", "width", "height", "source_mode")
+        for col in ("label", "image_id", *same):
             assert list(got[col]) == list(want[col]), col
         if not suffix:
             np.testing.assert_allclose(np.stack(got["features"]), np.stack(want["features"]), rtol=0, atol=1e-5)
