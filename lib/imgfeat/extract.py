@@ -157,10 +157,11 @@ def existing_keys(spark: SparkSession, cfg: Config, fmt: str, weights_id: str, m
     """(path, model, weights_id, fingerprint) already in the output or errors table for ``model`` (default model.name)."""
     from pyspark.sql import functions as F
 
-    from imgfeat.storage import read_table, table_exists
+    from imgfeat.storage import read_table, repair, table_exists
 
     frames = []
     for location in (cfg.output.path, cfg.errors_path):
+        repair(spark, location, fmt)
         if table_exists(spark, location, fmt):
             frames.append(read_table(spark, location, fmt).select("path", "model", "weights_id", *FINGERPRINT))
     if not frames:
@@ -172,22 +173,38 @@ def existing_keys(spark: SparkSession, cfg: Config, fmt: str, weights_id: str, m
     )
 
 
+def _done_keys(images: DataFrame, existing: DataFrame) -> DataFrame:
+    """(path, fingerprint) of the listed files that are done: in a table with their current fingerprint
+    and with no row left from an older version of the file.
+
+    A run that dies after writing the features table but before the errors table (or the reverse)
+    leaves a changed file with a new row in one table and its old row in the other; such a file is not
+    done, so the next run processes it again and replaces both rows.
+    """
+    current = images.select("path", *FINGERPRINT)
+    stale = existing.join(current, on=["path", *FINGERPRINT], how="left_anti").select("path")
+    keys = existing.select("path", *FINGERPRINT)
+    return keys.join(stale.join(current.select("path"), on="path", how="left_semi"), on="path", how="left_anti")
+
+
 def plan_work(
-    spark: SparkSession, images: DataFrame, existing: DataFrame | None, mode: str
+    spark: SparkSession, images: DataFrame, existing: DataFrame | None, mode: str, output: str, scratch: str
 ) -> tuple[DataFrame, int, DataFrame | None, int]:
     """(todo, its count, paths whose old rows must be replaced, their count) for incremental/overwrite runs.
 
-    ``todo`` is materialised (local checkpoint) so that the plan never reads the tables about to be rewritten.
+    ``todo`` is materialised to the scratch folder ``scratch`` beside ``output`` (dropped with
+    ``storage.drop_scratch`` at the end of the run) so that the plan never reads the tables about to be
+    rewritten and survives the loss of an executor.
     """
+    from imgfeat.storage import materialize
+
     if existing is None or mode == "overwrite":
         todo = images
         replace = existing.select("path").distinct() if existing is not None else None
     else:
-        todo = images.join(existing.select("path", *FINGERPRINT), on=["path", *FINGERPRINT], how="left_anti")
+        todo = images.join(_done_keys(images, existing), on=["path", *FINGERPRINT], how="left_anti")
         replace = todo.join(existing.select("path").distinct(), on="path", how="left_semi").select("path")
-    # Materialise what this run will do before any table is rewritten: the plan must not read the
-    # tables it is about to replace.
-    todo = todo.localCheckpoint(eager=True)
+    todo = materialize(spark, todo, output, scratch)
     n_todo = todo.count()
     replaced_paths = [r["path"] for r in replace.collect()] if replace is not None else []
     n_replaced = len(replaced_paths)
@@ -201,7 +218,7 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
     from pyspark.sql import functions as F
 
     from imgfeat.ingest import broadcast_if_small, list_files, read_contents
-    from imgfeat.storage import append_rows, resolve_format
+    from imgfeat.storage import append_rows, drop_scratch, resolve_format
     from imgfeat.weights import weights_source
 
     if not cfg.output.path:
@@ -221,7 +238,8 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
     n_listed = images.count()
     n_other = others.count()
     existing = existing_keys(spark, cfg, fmt, resolved.weights_id)
-    todo, n_todo, replace, n_replaced = plan_work(spark, images, existing, cfg.output.mode)
+    scratch = f"todo-{run_id}"
+    todo, n_todo, replace, n_replaced = plan_work(spark, images, existing, cfg.output.mode, cfg.output.path, scratch)
     meta = [
         F.lit(backbone.name).alias("model"),
         F.lit(resolved.weights_id).alias("weights_id"),
@@ -275,6 +293,7 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
         warmup.join()
     stages.update({f"{k}_task_seconds": round(a.value, 3) for k, a in accumulators.items()})
     images.unpersist()
+    drop_scratch(spark, cfg.output.path, scratch)
     result = ExtractResult(
         listed=n_listed,
         ignored_other_files=n_other,

@@ -6,6 +6,7 @@ iterator pandas UDF that builds the model once per Python worker and reuses it f
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -96,6 +97,34 @@ def featurize_batch(
     return pd.DataFrame(out)
 
 
+# Test-only fault injection (docs/reliability.md), off unless this variable is set in the workers' environment:
+#   fail-first-attempt   the first attempt of every even-numbered partition raises (task retries)
+#   hold:DIR             each task touches DIR/started-p<partition>-a<attempt>; tasks of partitions other than 0
+#                        then wait (at most 10 minutes) until DIR/release exists (interrupts, worker loss)
+FAULT_ENV = "IMGFEAT_TEST_FAULT"
+
+
+def _injected_fault() -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    if ctx is None:
+        return
+    kind, _, arg = spec.partition(":")
+    if kind == "fail-first-attempt" and ctx.attemptNumber() == 0 and ctx.partitionId() % 2 == 0:
+        raise RuntimeError(f"{FAULT_ENV}: injected failure of partition {ctx.partitionId()}, attempt 0")
+    if kind == "hold" and arg:
+        open(os.path.join(arg, f"started-p{ctx.partitionId()}-a{ctx.attemptNumber()}"), "w").close()
+        deadline = time.monotonic() + 600
+        while ctx.partitionId() != 0 and not os.path.exists(os.path.join(arg, "release")):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{FAULT_ENV}: never released")
+            time.sleep(0.2)
+
+
 def _predictor(spec: FeaturizeSpec, weights_broadcast: Any) -> Callable[[np.ndarray], np.ndarray]:
     """The worker's cached model for ``spec`` (built on first use in this process)."""
     from imgfeat.runtime import get_predictor
@@ -124,6 +153,7 @@ def featurize_udf(
     from pyspark.sql import functions as F
 
     def featurize(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
+        _injected_fault()
         started = time.perf_counter()
         predict = _predictor(spec, weights_broadcast)
         timings: dict[str, float] = {"model_load": time.perf_counter() - started}

@@ -109,7 +109,7 @@ def run_predict(spark: SparkSession, cfg: Config) -> PredictResult:
         unread_errors,
     )
     from imgfeat.ingest import broadcast_if_small, list_files, read_contents
-    from imgfeat.storage import append_rows, read_table, resolve_format
+    from imgfeat.storage import append_rows, drop_scratch, read_table, resolve_format
 
     if not cfg.output.path:
         raise ValueError("no output location: pass --output PATH (or set output.path) for the predictions table")
@@ -128,7 +128,8 @@ def run_predict(spark: SparkSession, cfg: Config) -> PredictResult:
     images = images.persist(StorageLevel.MEMORY_AND_DISK)
     n_listed = images.count()
     existing = existing_keys(spark, cfg, fmt, weights_id, model=uri)
-    todo, n_todo, replace, n_replaced = plan_work(spark, images, existing, cfg.output.mode)
+    scratch = f"todo-{run_id}"
+    todo, n_todo, replace, n_replaced = plan_work(spark, images, existing, cfg.output.mode, cfg.output.path, scratch)
     meta = [F.lit(uri).alias("model"), F.lit(weights_id).alias("weights_id"), F.lit(run_id).alias("run_id"),
             F.current_timestamp().alias("predicted_at")]
     fingerprint = ["file_length", "file_modification_time"]
@@ -175,6 +176,7 @@ def run_predict(spark: SparkSession, cfg: Config) -> PredictResult:
             raise RuntimeError(f"accounting mismatch: {predicted} images decoded but {sum(counts.values())} predictions written")
         rows.unpersist()
     images.unpersist()
+    drop_scratch(spark, cfg.output.path, scratch)
     if predicted + failed != n_todo:
         raise RuntimeError(f"accounting mismatch: {n_todo} files to process but {predicted} predicted + {failed} failed")
     return PredictResult(

@@ -29,11 +29,22 @@ def get_spark(cfg: Config) -> SparkSession:
         _set_runtime_conf(active, cfg)
         return active
 
+    if "PYSPARK_GATEWAY_PORT" in os.environ:
+        # Started by spark-submit: attach to its JVM first, or SparkConf() is empty and --master is ignored.
+        from pyspark import SparkContext
+
+        SparkContext._ensure_initialized()
     submitted = SparkConf()  # holds what spark-submit passed, if anything
     builder = SparkSession.builder.appName(cfg.spark.app_name)
     if not submitted.contains("spark.master"):
         builder = builder.master(cfg.spark.master or "local[*]")
         builder = builder.config("spark.driver.memory", cfg.spark.driver_memory)
+    master = submitted.get("spark.master", None) or cfg.spark.master or "local[*]"
+    local = master.startswith("local")
+    if local:
+        # Spark's web UI binds every interface unless SPARK_LOCAL_IP is set (read at JVM launch): a local
+        # session serves 127.0.0.1 only, unless SPARK_LOCAL_IP says otherwise.
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     if not submitted.contains("spark.pyspark.python") and not os.environ.get("PYSPARK_PYTHON"):
         # Workers must run the interpreter that has TensorFlow and imgfeat, not whatever python3 is on PATH.
         os.environ["PYSPARK_PYTHON"] = sys.executable
@@ -43,13 +54,14 @@ def get_spark(cfg: Config) -> SparkSession:
         "spark.python.worker.reuse": "true",
         "spark.ui.showConsoleProgress": "true",
         "spark.sql.adaptive.enabled": "true",
-        "spark.ui.bindAddress": "127.0.0.1",
-        "spark.driver.host": os.environ.get("SPARK_LOCAL_IP", "127.0.0.1"),
     }
-    master = submitted.get("spark.master", cfg.spark.master or "local[*]")
-    if master.startswith("local"):
-        # Small local jobs: a few shuffle partitions, not 200.
+    if local:  # on a cluster, executors must reach the driver: keep the cluster's own network settings
+        settings["spark.driver.host"] = settings["spark.driver.bindAddress"] = os.environ["SPARK_LOCAL_IP"]
+    if local:
+        # Small local jobs: a few shuffle partitions, not 200; and many small image files per read task
+        # (Spark counts every file as at least openCostInBytes, 4 MB by default, when packing tasks).
         settings["spark.sql.shuffle.partitions"] = str(max(4, 2 * (os.cpu_count() or 1)))
+        settings["spark.sql.files.openCostInBytes"] = str(1024 * 1024)
     packages = ",".join([submitted.get("spark.jars.packages", ""), cfg.spark.conf.get("spark.jars.packages", "")])
     if "delta" in packages.lower() or os.environ.get("IMGFEAT_DELTA") == "1":
         settings["spark.sql.extensions"] = DELTA_EXTENSION

@@ -139,3 +139,56 @@ def _swap(spark: SparkSession, staging: str, location: str) -> None:
         fs.rename(old, target)
         raise StorageError(f"could not move the new table into {location}; the previous table was restored")
     fs.delete(old, True)
+
+
+def repair(spark: SparkSession, location: str, fmt: str) -> None:
+    """Undo what a killed writer left at a Parquet ``location``, before reading or writing it.
+
+    - killed inside ``_swap`` with the table moved aside: the previous table is moved back;
+    - a finished swap's old copy, or a staging folder never swapped in: deleted;
+    - ``_temporary`` of a killed append: deleted, because the next append's job commit would otherwise
+      move the dead job's committed task files into the table (Hadoop's FileOutputCommitter merges every
+      task folder it finds there), duplicating rows.
+
+    Assumes one writer per table at a time. Delta tables and table names need nothing: Delta commits
+    through its transaction log.
+    """
+    if fmt != "parquet" or is_table_name(location):
+        return
+    fs, target = _hadoop_fs(spark, location)
+    base = location.rstrip("/")
+    olds = sorted(fs.globStatus(_hadoop_fs(spark, base + ".imgfeat-old-*")[1]) or [], key=lambda st: st.getModificationTime())
+    if olds and not fs.exists(target):
+        log.warning("restoring %s: a previous run was killed while replacing it", location)
+        if not fs.rename(olds[-1].getPath(), target):
+            raise StorageError(f"could not restore the previous table {olds[-1].getPath()} to {location}")
+        olds = olds[:-1]
+    leftovers = list(olds) + list(fs.globStatus(_hadoop_fs(spark, base + ".imgfeat-staging-*")[1]) or [])
+    for status in leftovers:
+        log.warning("removing %s, left by a killed run", status.getPath())
+        fs.delete(status.getPath(), True)
+    temporary = target.suffix("/_temporary")
+    if fs.exists(temporary):
+        log.warning("removing %s/_temporary, the uncommitted output of a killed run", location)
+        fs.delete(temporary, True)
+
+
+def materialize(spark: SparkSession, df: DataFrame, location: str, tag: str) -> DataFrame:
+    """Freeze ``df`` so later plans never re-read what it was computed from (e.g. tables about to be replaced).
+
+    Written to a scratch Parquet folder beside ``location`` (``drop_scratch`` removes it; ``repair``
+    removes one a killed run left), so it survives the loss of executors, unlike ``localCheckpoint``.
+    For a table name there is no folder beside it: a local checkpoint is used.
+    """
+    if is_table_name(location):
+        return df.localCheckpoint(eager=True)
+    scratch = f"{location.rstrip('/')}.imgfeat-staging-{tag}"
+    df.write.mode("overwrite").parquet(scratch)
+    return spark.read.parquet(scratch)
+
+
+def drop_scratch(spark: SparkSession, location: str, tag: str) -> None:
+    if not is_table_name(location):
+        fs, scratch = _hadoop_fs(spark, f"{location.rstrip('/')}.imgfeat-staging-{tag}")
+        fs.delete(scratch, True)
+
