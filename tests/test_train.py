@@ -114,6 +114,8 @@ def test_every_head_reaches_high_accuracy_on_separable_features(trained_all_head
 def test_runs_params_metrics_and_artifacts_are_in_the_store(trained_all_heads, store):
     from mlflow.tracking import MlflowClient
 
+    from imgfeat.privacy import check_mlflow_run
+
     result, _ = trained_all_heads
     client = MlflowClient(store)
     parent = client.get_run(result.parent_run_id)
@@ -123,6 +125,7 @@ def test_runs_params_metrics_and_artifacts_are_in_the_store(trained_all_heads, s
     assert len(children) == 6
     for child in children:
         tags, params, metrics = child.data.tags, child.data.params, child.data.metrics
+        check_mlflow_run(child)  # no image content, no patient fields
         assert tags["backbone"] == "tiny" and tags["dataset"] == "features" and params["head"] == tags["head"]
         for key in ("backbone", "weights_id", "head", "split_seed", "test_fraction", "train_count_A", "test_count_C", "features_table"):
             assert key in params, key

@@ -268,6 +268,7 @@ def run_train(spark: SparkSession, cfg: Config) -> TrainResult:
     from pyspark.sql import functions as F
 
     from imgfeat.metrics import classification_metrics, metric_key, scores_to_proba
+    from imgfeat.privacy import check_metadata
     from imgfeat.tracking import model_signature, pip_requirements, tracking_uri, use_experiment
 
     started = time.time()
@@ -323,9 +324,11 @@ def run_train(spark: SparkSession, cfg: Config) -> TrainResult:
     }
     with mlflow.start_run(run_name=f"train {dataset}", tags={"dataset": dataset, "imgfeat.kind": "train"}) as parent:
         result.parent_run_id = parent.info.run_id
-        mlflow.log_params({**common_params, "heads": ",".join(tc.heads),
-                           "backbones": json.dumps([f"{m} ({w[:40]})" for m, w in backbones]),
-                           "excluded_unlabelled": n_unlabelled, "excluded_split": n_excluded_split})
+        parent_params = {**common_params, "heads": ",".join(tc.heads),
+                         "backbones": json.dumps([f"{m} ({w[:40]})" for m, w in backbones]),
+                         "excluded_unlabelled": n_unlabelled, "excluded_split": n_excluded_split}
+        check_metadata(parent_params, {"dataset": dataset})
+        mlflow.log_params(parent_params)
         test_ids = split.filter(F.col("is_test")).select("image_id", "label").orderBy("image_id").toPandas()
         with tempfile.TemporaryDirectory() as tmp:
             test_ids.to_csv(os.path.join(tmp, "test_images.csv"), index=False)
@@ -359,8 +362,10 @@ def run_train(spark: SparkSession, cfg: Config) -> TrainResult:
                     proba = None if scores is None else (scores if probabilistic else scores_to_proba(scores))
                     metrics, report = classification_metrics(y, p, proba, labels)
                     report["scores"] = "probability" if probabilistic else "softmax of raw margins (no probabilities)"
-                    mlflow.log_params({**common_params, "backbone": model_name, "weights_id": weights_id, "head": head,
-                                       "feature_dim": input_dim, **{f"head_{k}": v for k, v in head_params.items()}})
+                    child_params = {**common_params, "backbone": model_name, "weights_id": weights_id, "head": head,
+                                    "feature_dim": input_dim, **{f"head_{k}": v for k, v in head_params.items()}}
+                    check_metadata(child_params, tags)  # no image content or patient fields in run metadata
+                    mlflow.log_params(child_params)
                     _log_child(metrics, report, y, proba, labels, f"{backbone} / {head} on {dataset}")
                     pipeline = PipelineModel(stages=[featurizer, fitted, converter])
                     mlflow.spark.log_model(pipeline, artifact_path="model", pip_requirements=pip_requirements(),
