@@ -13,8 +13,8 @@ import pytest
 
 from imgfeat.extract import run_extract
 from imgfeat.samples import make_samples
+from imgfeat.standalone import SPARK_SUBMIT, Standalone, standalone_env
 
-from cluster import SPARK_SUBMIT, Standalone, standalone_env
 from conftest import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,7 +75,7 @@ def test_standalone_cluster_with_worker_loss_matches_local_run(spark, cluster, t
         rc = job.wait(timeout=500)
     finally:
         if job.poll() is None:
-            from cluster import stop_group
+            from imgfeat.standalone import stop_group
 
             stop_group(job)
     log.seek(0)

@@ -13,8 +13,7 @@ import psutil
 import pytest
 
 from imgfeat.samples import encode, xray_array
-
-from cluster import stop_group
+from imgfeat.standalone import stop_group
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_IMAGES = 20_000

@@ -47,6 +47,18 @@ def test_metrics_equal_scikit_learn(k):
     assert report["confusion_matrix"] == skm.confusion_matrix(y, pred).tolist()
 
 
+def test_keras_head_standardization_folds_into_the_first_layer_exactly():
+    from imgfeat.keras_head import fold_standardization
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(50, 30, (20, 6)).astype(np.float32)
+    mean, std = x.mean(axis=0), x.std(axis=0)
+    kernel, bias, hidden = rng.normal(size=(6, 4)), rng.normal(size=4), rng.normal(size=(4, 2))
+    folded = fold_standardization([kernel, bias, hidden], mean, std)
+    np.testing.assert_allclose(x @ folded[0] + folded[1], ((x - mean) / std) @ kernel + bias, rtol=1e-6, atol=1e-6)
+    assert folded[2] is hidden
+
+
 def test_auc_handles_ties_like_scikit_learn():
     from sklearn.metrics import roc_auc_score
 
@@ -183,6 +195,30 @@ def test_compare_names_a_wrong_positive_class(trained_all_heads, store):
         run_compare(cfg)
 
 
+@pytest.mark.parametrize("tuning", ["train.cv_folds=3", "train.validation_fraction=0.25"])
+def test_model_selection_picks_the_better_grid_value_and_logs_it(spark, tmp_path, store, tuning):
+    """A depth-1 tree cannot tell three classes apart; CrossValidator / TrainValidationSplit must pick depth 5."""
+    from mlflow.tracking import MlflowClient
+
+    from imgfeat.train import run_train
+
+    table = str(tmp_path / "features")
+    _separable_table(spark, table, per_class=30, dim=4)
+    cfg = load_config(sets=[
+        f"train.features={table}", "train.heads=[dt]", f"mlflow.tracking_uri={store}", "mlflow.experiment=tuning",
+        "train.grid.dt_max_depth=[1, 5]", tuning,
+    ])
+    result = run_train(spark, cfg)
+    (run,) = result.runs
+    expected = "CrossValidator(numFolds=3)" if "cv_folds" in tuning else "TrainValidationSplit(trainRatio=0.75)"
+    assert run.params["tuning"] == expected
+    assert run.params["maxDepth"] == 5
+    assert run.params["tuning_best_f1"] > 0.9
+    assert run.metrics["test_accuracy"] > 0.9
+    logged = MlflowClient(store).get_run(run.run_id).data.params
+    assert (logged["head_tuning"], logged["head_maxDepth"]) == (expected, "5")
+
+
 # ---------------------------------------------------------------------------------------------
 # end to end on images: extract -> train (CLI) -> logged model on raw bytes -> predict
 
@@ -267,3 +303,115 @@ def _image_files(root):
         dirs[:] = [d for d in dirs if not d.startswith((".", "_"))]
         out += [os.path.join(base, f) for f in files if not f.startswith((".", "_")) and not f.endswith(".txt")]
     return sorted(out)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# predict is as reliable as extract: added and changed files, a job killed mid-write
+
+
+def _predict_config(uri: str, folder: str, output: str, store: str):
+    return load_config(overrides={"predict.model_uri": uri, "input.path": folder, "output.path": output,
+                                  "output.format": "parquet", "mlflow.tracking_uri": store})
+
+
+def _add_xrays(folder: str, n: int, seed: int) -> list[str]:
+    from imgfeat.samples import encode, xray_array
+
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        data, ext = encode(xray_array(rng, (64, 64), sick=True), "rgb_png")
+        paths.append(os.path.join(folder, "PNEUMONIA", f"added_{seed}_{i:04d}.{ext}"))
+        with open(paths[-1], "wb") as fh:
+            fh.write(data)
+    return paths
+
+
+def _run_ids(spark, location: str) -> dict[str, str]:
+    return {r["path"]: r["run_id"] for r in spark.read.parquet(location).select("path", "run_id").collect()}
+
+
+def test_predict_processes_only_added_and_changed_files(spark, samples, image_run, store, tmp_path):
+    import shutil
+
+    from imgfeat.predict import run_predict
+    from imgfeat.samples import encode, xray_array
+
+    result, _, _ = image_run
+    folder = str(tmp_path / "img")
+    shutil.copytree(samples.root, folder)
+    cfg = _predict_config(f"runs:/{result['best_run_id']}/model", folder, str(tmp_path / "preds"), store)
+    first = run_predict(spark, cfg)
+    before = _run_ids(spark, cfg.output.path)
+    added = _add_xrays(folder, 3, seed=21)
+    changed = next(p for p in _image_files(folder) if "bad_" not in p and "added_" not in p)
+    data, _ = encode(xray_array(np.random.default_rng(22), (80, 80), sick=False), "rgb_png")
+    with open(changed, "wb") as fh:  # same path, new content and a later modification time
+        fh.write(data)
+    os.utime(changed, (os.path.getatime(changed), os.path.getmtime(changed) + 10))
+
+    second = run_predict(spark, cfg)
+    assert (second.listed, second.processed, second.replaced) == (first.listed + 3, 4, 1)
+    assert (second.predicted, second.failed) == (4, 0)
+    after = _run_ids(spark, cfg.output.path)
+    assert spark.read.parquet(cfg.output.path).count() == len(after) == samples.valid + 3  # no duplicate path
+    assert {"file:" + p for p in added} <= set(after)
+    changed_uri = "file:" + changed
+    assert after[changed_uri] != before[changed_uri]  # re-predicted, the old row replaced
+    assert {p: r for p, r in after.items() if p in before and p != changed_uri} == {
+        p: r for p, r in before.items() if p != changed_uri}  # everything else untouched
+    third = run_predict(spark, cfg)
+    assert third.processed == 0 and _run_ids(spark, cfg.output.path) == after
+
+
+def test_killed_predict_leaves_previous_table_unchanged_and_rerun_completes(spark, samples, image_run, store, tmp_path):
+    import glob
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from imgfeat.predict import run_predict
+
+    result, _, _ = image_run
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    folder = str(tmp_path / "img")
+    shutil.copytree(samples.root, folder)
+    uri = f"runs:/{result['best_run_id']}/model"
+    cfg = _predict_config(uri, folder, str(tmp_path / "preds"), store)
+    first = run_predict(spark, cfg)
+    before = _run_ids(spark, cfg.output.path)
+    added = _add_xrays(folder, 60, seed=23)
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    temporary = os.path.join(cfg.output.path, "_temporary")
+    # As in extract's kill test: without adaptive execution, featurizing + scoring + writing is one Spark
+    # job that sets up its commit first; tasks of partitions other than 0 are held, then the job is killed.
+    proc = subprocess.Popen(
+        [sys.executable, "jobs/predict.py", "--model-uri", uri, "--input", folder, "--output", cfg.output.path,
+         "--format", "parquet", "--tracking-uri", store, "--master", "local[2]", "--set",
+         "spark.conf={spark.ui.enabled: 'false', spark.sql.adaptive.enabled: 'false', "
+         "spark.sql.files.maxPartitionBytes: '400000', spark.sql.files.openCostInBytes: '100000'}"],
+        cwd=root, env={**os.environ, "PYSPARK_PYTHON": sys.executable, "IMGFEAT_TEST_FAULT": f"hold:{hold}"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (os.path.isdir(temporary) and glob.glob(str(hold / "started-p[1-9]*"))):
+            assert proc.poll() is None, f"the predict job ended (rc {proc.returncode}) before its write"
+            assert time.monotonic() < deadline, "gave up waiting for the predict job's write"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert os.path.isdir(temporary)  # the killed write's uncommitted state is there ...
+    assert _run_ids(spark, cfg.output.path) == before  # ... and the table reads exactly as before
+
+    again = run_predict(spark, cfg)
+    assert (again.processed, again.predicted) == (len(added), len(added))
+    after = _run_ids(spark, cfg.output.path)
+    assert spark.read.parquet(cfg.output.path).count() == len(after) == first.predicted + len(added)
+    assert {"file:" + p for p in added} <= set(after)
+    assert not os.path.exists(temporary)

@@ -82,8 +82,10 @@ def list_files(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFrame]:
             F.lit(0).cast("timestamp").alias("file_modification_time"),
         )
     )
-    # Listed once and cached: images and others below are two views of it.
-    listing = listing.unionByName(empties).persist()
+    # Not cached here: the caller persists what it reuses (and unpersists it), so a long-lived session
+    # (a notebook) does not accumulate one cached listing per run. The file index behind ``raw`` is
+    # built once, so a second scan of it does not list the folder again.
+    listing = listing.unionByName(empties)
     is_image = _extension_filter(cfg.input.extensions)
     others = listing.filter(~is_image)
     images = listing.filter(is_image).withColumn(

@@ -107,6 +107,26 @@ class KerasHeadModel(Model, HasFeaturesCol, HasPredictionCol, HasProbabilityCol,
         return result.withColumn(self.getPredictionCol(), argmax).drop(tmp)
 
 
+def _feature_moments(train: DataFrame, features_col: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and standard deviation of the training rows (constant features get std 1)."""
+    from pyspark.ml.stat import Summarizer
+    from pyspark.sql import functions as F
+
+    stats = train.select(Summarizer.metrics("mean", "std").summary(F.col(features_col)).alias("s")).first()["s"]
+    mean = stats["mean"].toArray().astype(np.float32)
+    std = stats["std"].toArray().astype(np.float32)
+    std[~(std > 1e-12)] = 1.0
+    return mean, std
+
+
+def fold_standardization(weights: list[np.ndarray], mean: np.ndarray, std: np.ndarray) -> list[np.ndarray]:
+    """Weights of the same network taking raw features: the first Dense layer absorbs (x - mean) / std."""
+    kernel, bias, *rest = weights
+    folded_kernel = kernel / std[:, None]
+    folded_bias = bias - (mean / std) @ kernel
+    return [folded_kernel.astype(kernel.dtype), folded_bias.astype(bias.dtype), *rest]
+
+
 def train_keras_head(
     spark: SparkSession,
     train: DataFrame,
@@ -131,6 +151,7 @@ def train_keras_head(
         F.col(label_col).cast("int").alias("label"),
     )
     n = frame.count()
+    mean, std = _feature_moments(train, features_col)
     converter = make_spark_converter(frame)
     keras.utils.set_random_seed(seed)
     model = build_keras_head(input_dim, n_classes, kc.hidden_units)
@@ -142,17 +163,20 @@ def train_keras_head(
     steps = max(1, math.ceil(n / kc.batch_size))
     try:
         with converter.make_tf_dataset(batch_size=kc.batch_size, num_epochs=None, workers_count=2, seed=seed) as dataset:
-            dataset = dataset.map(lambda row: (row.features, row.label))
+            # Standardised inputs (as MLlib's heads do internally): raw CNN features differ in scale by
+            # orders of magnitude, and plain gradient descent on them converges poorly.
+            dataset = dataset.map(lambda row: ((row.features - mean) / std, row.label))
             history = model.fit(dataset, epochs=kc.epochs, steps_per_epoch=steps, class_weight=class_weight, verbose=0)
     finally:
         converter.delete()
+    weights = fold_standardization(model.get_weights(), mean, std)
     head = KerasHeadModel(
         featuresCol=features_col,
         predictionCol=prediction_col,
         inputDim=input_dim,
         numClasses=n_classes,
         hiddenUnits=kc.hidden_units,
-        weightsB64=weights_to_b64(model.get_weights()),
+        weightsB64=weights_to_b64(weights),
     )
     params = {
         "hidden_units": kc.hidden_units,
@@ -160,6 +184,7 @@ def train_keras_head(
         "batch_size": kc.batch_size,
         "learning_rate": kc.learning_rate,
         "optimizer": "adam",
+        "standardized_inputs": True,
         "fed_by": "petastorm.make_spark_converter",
         "final_train_loss": round(float(history.history["loss"][-1]), 6),
     }

@@ -1,4 +1,7 @@
-"""Test helpers: a Spark standalone cluster on 127.0.0.1 (master + workers from the pyspark installation)."""
+"""A Spark standalone cluster on 127.0.0.1 (master + workers from the pyspark installation), for tests and benchmarks.
+
+Imports pyspark (to find its installation): import this module only where a cluster is started.
+"""
 
 from __future__ import annotations
 
@@ -62,9 +65,9 @@ class Standalone:
         return f"spark://127.0.0.1:{self.master_port}"
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
-        log = open(os.path.join(self.env["SPARK_LOG_DIR"], f"{name}.log"), "wb")
-        return subprocess.Popen([SPARK_CLASS, *args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        with open(os.path.join(self.env["SPARK_LOG_DIR"], f"{name}.log"), "wb") as log:  # the child keeps its copy
+            return subprocess.Popen([SPARK_CLASS, *args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
 
     def alive_workers(self) -> int:
         try:
