@@ -108,15 +108,20 @@ class KerasHeadModel(Model, HasFeaturesCol, HasPredictionCol, HasProbabilityCol,
 
 
 def _feature_moments(train: DataFrame, features_col: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature mean and standard deviation of the training rows (constant features get std 1)."""
+    """Per-feature mean of the training rows, and one common scale: the root mean square of the
+    per-feature standard deviations (as a vector, for ``fold_standardization``).
+
+    One scale for all features keeps their relative sizes: dividing each by its own deviation blows
+    up near-constant features (deviations of 1e-5 beside 1.0 in CNN features) and lets their outliers
+    on new images dominate. It still fixes the overall scale (InceptionV3's features are ~1e-4).
+    """
     from pyspark.ml.stat import Summarizer
     from pyspark.sql import functions as F
 
     stats = train.select(Summarizer.metrics("mean", "std").summary(F.col(features_col)).alias("s")).first()["s"]
     mean = stats["mean"].toArray().astype(np.float32)
-    std = stats["std"].toArray().astype(np.float32)
-    std[~(std > 1e-12)] = 1.0
-    return mean, std
+    scale = float(np.sqrt(np.mean(np.square(stats["std"].toArray()))))
+    return mean, np.full_like(mean, scale if scale > 1e-12 else 1.0)
 
 
 def fold_standardization(weights: list[np.ndarray], mean: np.ndarray, std: np.ndarray) -> list[np.ndarray]:
@@ -163,8 +168,8 @@ def train_keras_head(
     steps = max(1, math.ceil(n / kc.batch_size))
     try:
         with converter.make_tf_dataset(batch_size=kc.batch_size, num_epochs=None, workers_count=2, seed=seed) as dataset:
-            # Standardised inputs (as MLlib's heads do internally): raw CNN features differ in scale by
-            # orders of magnitude, and plain gradient descent on them converges poorly.
+            # Centred and scaled inputs: raw CNN features differ in overall scale by orders of magnitude
+            # between backbones, and plain gradient descent converges poorly on tiny ones.
             dataset = dataset.map(lambda row: ((row.features - mean) / std, row.label))
             history = model.fit(dataset, epochs=kc.epochs, steps_per_epoch=steps, class_weight=class_weight, verbose=0)
     finally:
@@ -184,7 +189,7 @@ def train_keras_head(
         "batch_size": kc.batch_size,
         "learning_rate": kc.learning_rate,
         "optimizer": "adam",
-        "standardized_inputs": True,
+        "input_scaling": "centred, one common scale",
         "fed_by": "petastorm.make_spark_converter",
         "final_train_loss": round(float(history.history["loss"][-1]), 6),
     }
