@@ -21,28 +21,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "lib"))
 
 from imgfeat.bench import _timed, prepare_inputs  # noqa: E402
-from imgfeat.standalone import SPARK_SUBMIT, Standalone, standalone_env  # noqa: E402
+from imgfeat.standalone import Standalone, standalone_env  # noqa: E402
 
 
 def run_once(workers: int, folder: str, n: int, model: str, workdir: str) -> dict:
     cluster = Standalone(os.path.join(workdir, f"spark{workers}"), standalone_env(os.path.join(workdir, f"spark{workers}")))
     out = os.path.join(workdir, f"out{workers}")
-    confs = {
-        "spark.pyspark.python": sys.executable,
-        "spark.pyspark.driver.python": sys.executable,
-        "spark.executorEnv.PYTHONPATH": os.path.join(ROOT, "lib"),
-        "spark.executorEnv.TF_CPP_MIN_LOG_LEVEL": "2",
-        "spark.executor.memory": "3g",
-        "spark.executor.cores": "1",
-        "spark.cores.max": str(workers),
-        "spark.driver.memory": "2g",
-        "spark.driver.host": "127.0.0.1",
-        "spark.driver.bindAddress": "127.0.0.1",
-        "spark.ui.enabled": "false",
-    }
-    cmd = [SPARK_SUBMIT, "--master", cluster.url]
-    for key, value in confs.items():
-        cmd += ["--conf", f"{key}={value}"]
+    cmd = cluster.submit_command(os.path.join(ROOT, "lib"), executors=workers, executor_memory="3g", driver_memory="2g")
     js = os.path.join(workdir, f"extract{workers}.json")
     cmd += [os.path.join(ROOT, "jobs", "extract_features.py"), "--input", folder, "--output", out,
             "--model", model, "--weights", "none", "--format", "parquet", "--json", js]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import glob
 import os
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 
 from imgfeat.extract import run_extract
 from imgfeat.samples import make_samples
-from imgfeat.standalone import SPARK_SUBMIT, Standalone, standalone_env
+from imgfeat.standalone import Standalone, standalone_env
 
 from conftest import tiny_config
 
@@ -39,26 +38,13 @@ def test_standalone_cluster_with_worker_loss_matches_local_run(spark, cluster, t
     hold = tmp_path / "hold"
     hold.mkdir()
     out = str(tmp_path / "cluster")
-    confs = {
-        "spark.pyspark.python": sys.executable,
-        "spark.pyspark.driver.python": sys.executable,
-        "spark.executorEnv.PYTHONPATH": os.path.join(ROOT, "lib"),
+    args = cluster.submit_command(os.path.join(ROOT, "lib"), executors=2, conf={
         "spark.executorEnv.IMGFEAT_TEST_FAULT": f"hold:{hold}",
-        "spark.executor.memory": "1g",
-        "spark.executor.cores": "1",
-        "spark.cores.max": "2",
-        "spark.driver.memory": "1g",
-        "spark.driver.host": "127.0.0.1",
-        "spark.driver.bindAddress": "127.0.0.1",
-        "spark.ui.enabled": "false",
         "spark.sql.adaptive.enabled": "false",
         "spark.sql.shuffle.partitions": "6",
         "spark.sql.files.maxPartitionBytes": "400000",
         "spark.sql.files.openCostInBytes": "100000",
-    }
-    args = [SPARK_SUBMIT, "--master", cluster.url]
-    for key, value in confs.items():
-        args += ["--conf", f"{key}={value}"]
+    })
     args += ["jobs/extract_features.py", "--input", s.root, "--output", out, "--model", "tiny", "--weights", "none",
              "--format", "parquet", "--batch-size", "8"]
     log = open(tmp_path / "submit.log", "w+")

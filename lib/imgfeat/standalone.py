@@ -89,6 +89,30 @@ class Standalone:
         _wait(lambda: self.alive_workers() == n_workers, f"{n_workers} workers")
         return self
 
+    def submit_command(self, lib_dir: str, executors: int, executor_memory: str = "1g", driver_memory: str = "1g",
+                       conf: dict[str, str] | None = None) -> list[str]:
+        """``spark-submit --master <this cluster>`` with this Python on driver and executors, ``lib_dir`` on
+        the executors' path, ``executors`` one-core executors, the driver on 127.0.0.1 and no web UI;
+        ``conf`` adds or overrides settings. Append the script and its arguments."""
+        settings = {
+            "spark.pyspark.python": sys.executable,
+            "spark.pyspark.driver.python": sys.executable,
+            "spark.executorEnv.PYTHONPATH": lib_dir,
+            "spark.executorEnv.TF_CPP_MIN_LOG_LEVEL": "2",
+            "spark.executor.memory": executor_memory,
+            "spark.executor.cores": "1",
+            "spark.cores.max": str(executors),
+            "spark.driver.memory": driver_memory,
+            "spark.driver.host": "127.0.0.1",
+            "spark.driver.bindAddress": "127.0.0.1",
+            "spark.ui.enabled": "false",
+            **(conf or {}),
+        }
+        cmd = [SPARK_SUBMIT, "--master", self.url]
+        for key, value in settings.items():
+            cmd += ["--conf", f"{key}={value}"]
+        return cmd
+
     def kill_worker(self, i: int) -> None:
         """Lose worker ``i`` like a machine: the worker, its executor and its Python workers die at once."""
         os.killpg(self.workers[i].pid, signal.SIGKILL)
