@@ -107,9 +107,9 @@ class KerasHeadModel(Model, HasFeaturesCol, HasPredictionCol, HasProbabilityCol,
         return result.withColumn(self.getPredictionCol(), argmax).drop(tmp)
 
 
-def _feature_moments(train: DataFrame, features_col: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature mean of the training rows, and one common scale: the root mean square of the
-    per-feature standard deviations (as a vector, for ``fold_standardization``).
+def _feature_moments(train: DataFrame, features_col: str) -> tuple[int, np.ndarray, np.ndarray]:
+    """Row count, per-feature mean of the training rows, and one common scale: the root mean square of
+    the per-feature standard deviations (as a vector, for ``fold_standardization``). One Spark job.
 
     One scale for all features keeps their relative sizes: dividing each by its own deviation blows
     up near-constant features (deviations of 1e-5 beside 1.0 in CNN features) and lets their outliers
@@ -118,10 +118,11 @@ def _feature_moments(train: DataFrame, features_col: str) -> tuple[np.ndarray, n
     from pyspark.ml.stat import Summarizer
     from pyspark.sql import functions as F
 
-    stats = train.select(Summarizer.metrics("mean", "std").summary(F.col(features_col)).alias("s")).first()["s"]
+    summary = Summarizer.metrics("count", "mean", "std").summary(F.col(features_col))
+    stats = train.select(summary.alias("s")).first()["s"]
     mean = stats["mean"].toArray().astype(np.float32)
     scale = float(np.sqrt(np.mean(np.square(stats["std"].toArray()))))
-    return mean, np.full_like(mean, scale if scale > 1e-12 else 1.0)
+    return int(stats["count"]), mean, np.full_like(mean, scale if scale > 1e-12 else 1.0)
 
 
 def fold_standardization(weights: list[np.ndarray], mean: np.ndarray, std: np.ndarray) -> list[np.ndarray]:
@@ -155,8 +156,7 @@ def train_keras_head(
         vector_to_array(F.col(features_col), "float32").alias("features"),
         F.col(label_col).cast("int").alias("label"),
     )
-    n = frame.count()
-    mean, std = _feature_moments(train, features_col)
+    n, mean, std = _feature_moments(train, features_col)
     converter = make_spark_converter(frame)
     keras.utils.set_random_seed(seed)
     model = build_keras_head(input_dim, n_classes, kc.hidden_units)
