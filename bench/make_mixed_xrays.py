@@ -16,7 +16,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from imgfeat.samples import BAD_FILES, bad_file_bytes
+from imgfeat.demo.samples import BAD_FILES, bad_file_bytes
 
 
 def main(src: str, dst: str) -> int:

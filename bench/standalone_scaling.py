@@ -20,7 +20,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "lib"))
 
-from imgfeat.bench import _timed, prepare_inputs  # noqa: E402
+from imgfeat.bench.run import _timed, prepare_inputs  # noqa: E402
 from imgfeat.standalone import Standalone, standalone_env  # noqa: E402
 
 

@@ -19,8 +19,8 @@ try:
 except ImportError:  # interactive, from the bundle's synced files: notebooks/../lib
     sys.path.insert(0, os.path.abspath(os.path.join(os.getcwd(), "..", "lib")))
 
-from imgfeat import notebook as nb
-from imgfeat.compare import run_compare
+from imgfeat.cli import notebook as nb
+from imgfeat.train.compare import run_compare
 
 nb.declare_widgets(dbutils, "compare")
 

@@ -26,8 +26,8 @@ try:
 except ImportError:  # interactive, from the bundle's synced files: notebooks/../lib
     sys.path.insert(0, os.path.abspath(os.path.join(os.getcwd(), "..", "lib")))
 
-from imgfeat import notebook as nb
-from imgfeat.extract import run_extract
+from imgfeat.cli import notebook as nb
+from imgfeat.featurize.extract import run_extract
 
 nb.declare_widgets(dbutils, "extract")
 

@@ -23,8 +23,8 @@ try:
 except ImportError:  # interactive, from the bundle's synced files: notebooks/../lib
     sys.path.insert(0, os.path.abspath(os.path.join(os.getcwd(), "..", "lib")))
 
-from imgfeat import notebook as nb
-from imgfeat.train import run_train
+from imgfeat.cli import notebook as nb
+from imgfeat.train.fit import run_train
 
 nb.declare_widgets(dbutils, "train")
 

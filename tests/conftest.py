@@ -32,7 +32,7 @@ def spark():
 @pytest.fixture(scope="session")
 def samples(tmp_path_factory):
     """12 images per class of every kind, plus one broken file of each kind."""
-    from imgfeat.samples import make_samples
+    from imgfeat.demo.samples import make_samples
 
     return make_samples(str(tmp_path_factory.mktemp("samples")), per_class=12)
 

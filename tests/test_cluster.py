@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from imgfeat.extract import run_extract
-from imgfeat.samples import make_samples
+from imgfeat.demo.samples import make_samples
+from imgfeat.featurize.extract import run_extract
 from imgfeat.standalone import Standalone, standalone_env
 
 from conftest import tiny_config

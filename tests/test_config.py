@@ -40,7 +40,6 @@ def test_unknown_key_is_named(tmp_path):
         ("output.format=csv", "output.format"),
         ("inference.batch_size=lots", "inference.batch_size"),
         ("inference.batch_size=0", "batch_size must be >= 1"),
-        ("model.name=alexnet", "unknown backbone 'alexnet'"),
         ("input.split.test_fraction=1.5", "test_fraction"),
         ("model.weights_sha256=abc", "64 hexadecimal"),
         ("nosuch=1", "unknown setting 'nosuch'"),
@@ -61,3 +60,13 @@ def test_parse_set_reads_yaml_values():
 def test_errors_path_defaults_next_to_output():
     cfg = load_config(sets=["output.path=/data/feats/"])
     assert cfg.errors_path == "/data/feats_errors"
+
+
+def test_registries_check_their_own_names():
+    from imgfeat.backbones.registry import get_backbone
+    from imgfeat.train.heads import check_heads
+
+    with pytest.raises(ConfigError, match="model.name: unknown backbone 'alexnet'"):
+        get_backbone("alexnet")
+    with pytest.raises(ConfigError, match="train.heads: unknown head.*xgb"):
+        check_heads(["lr", "xgb"])

@@ -16,9 +16,9 @@ import zipfile
 import pytest
 import yaml
 
-from imgfeat import notebook as nb
 from imgfeat.cli import build_parser
-from imgfeat.storage import location_in
+from imgfeat.cli import notebook as nb
+from imgfeat.store.tables import location_in
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.py")))
@@ -351,8 +351,8 @@ def test_extract_notebook_runs_locally_with_the_jobs_parameters(spark, samples, 
 
 
 def test_train_and_compare_notebooks_run_locally(spark, samples, tmp_path):
-    pytest.importorskip("imgfeat.train")
-    pytest.importorskip("imgfeat.compare")
+    pytest.importorskip("imgfeat.train.fit")
+    pytest.importorskip("imgfeat.train.compare")
     require_command("train")
     require_command("compare")
     root, uri = str(tmp_path / "out"), f"sqlite:///{tmp_path}/mlflow.db"
@@ -422,8 +422,8 @@ def test_wheel_builds_and_contains_imgfeat_not_the_tests(tmp_path):
     (wheel,) = glob.glob(str(out / "*.whl"))
     assert re.fullmatch(r"imgfeat-0\.1\.0-py3-none-any\.whl", os.path.basename(wheel))
     names = zipfile.ZipFile(wheel).namelist()
-    for module in ("imgfeat/__init__.py", "imgfeat/cli.py", "imgfeat/notebook.py", "imgfeat/extract.py",
-                   "imgfeat/commands/extract.py", "imgfeat/py.typed"):
+    for module in ("imgfeat/__init__.py", "imgfeat/cli/__init__.py", "imgfeat/cli/notebook.py", "imgfeat/featurize/extract.py",
+                   "imgfeat/cli/extract.py", "imgfeat/py.typed"):
         assert module in names, module
     assert not [n for n in names if n.startswith(("tests/", "lib/", "notebooks/")) or "conftest" in n or "test_" in n]
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))

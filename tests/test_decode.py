@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgfeat.decode import DecodeError, DecodeOptions, decode_image
-from imgfeat.samples import BAD_FILES, KINDS, bad_file_bytes, encode, xray_array
+from imgfeat.demo.samples import BAD_FILES, KINDS, bad_file_bytes, encode, xray_array
+from imgfeat.io.decoders import DecodeError, DecodeOptions, decode_image
 
 OPTS = DecodeOptions(size=64)
 

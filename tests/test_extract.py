@@ -8,10 +8,10 @@ import shutil
 import numpy as np
 import pytest
 
-from imgfeat.decode import DecodeOptions, decode_image
-from imgfeat.extract import run_extract
-from imgfeat.samples import encode, xray_array
-from imgfeat.storage import StorageError
+from imgfeat.demo.samples import encode, xray_array
+from imgfeat.featurize.extract import run_extract
+from imgfeat.io.decoders import DecodeOptions, decode_image
+from imgfeat.store.tables import StorageError
 
 from conftest import tiny_config
 
@@ -56,8 +56,8 @@ def test_every_file_ends_in_exactly_one_table(spark, samples, tmp_path):
 
 
 def test_features_equal_a_direct_model_call(spark, samples, tmp_path):
-    from imgfeat.backbones import get_backbone
-    from imgfeat.weights import resolve_weights
+    from imgfeat.backbones.registry import get_backbone
+    from imgfeat.backbones.weights import resolve_weights
 
     cfg = tiny_config(samples.root, str(tmp_path / "feats"))
     run_extract(spark, cfg)
@@ -152,7 +152,7 @@ def test_delta_without_delta_fails_clearly(spark, samples, tmp_path):
 
 
 def test_missing_input_folder_is_named(spark, tmp_path):
-    from imgfeat.ingest import InputError
+    from imgfeat.io.listing import InputError
 
     cfg = tiny_config(str(tmp_path / "nope"), str(tmp_path / "feats"))
     with pytest.raises(InputError, match="nope.*does not exist"):
@@ -160,8 +160,8 @@ def test_missing_input_folder_is_named(spark, tmp_path):
 
 
 def test_weights_file_is_hashed_and_pinned(spark, samples, tmp_path):
-    from imgfeat.backbones import get_backbone
-    from imgfeat.weights import WeightsError, sha256_file
+    from imgfeat.backbones.registry import get_backbone
+    from imgfeat.backbones.weights import WeightsError, sha256_file
 
     path = str(tmp_path / "tiny.weights.h5")
     model = get_backbone("tiny").build()
@@ -178,9 +178,9 @@ def test_weights_file_is_hashed_and_pinned(spark, samples, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("model_name, size", [("resnet50", 224), ("inception_v3", 299)])
 def test_real_backbones_end_to_end_match_keras(spark, tmp_path, model_name, size):
-    from imgfeat.backbones import get_backbone
-    from imgfeat.samples import make_samples
-    from imgfeat.weights import resolve_weights
+    from imgfeat.backbones.registry import get_backbone
+    from imgfeat.backbones.weights import resolve_weights
+    from imgfeat.demo.samples import make_samples
 
     s = make_samples(str(tmp_path / "img"), per_class=2, with_bad=True)
     cfg = tiny_config(s.root, str(tmp_path / "feats"), f"model.name={model_name}")

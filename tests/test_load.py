@@ -12,7 +12,7 @@ import numpy as np
 import psutil
 import pytest
 
-from imgfeat.samples import encode, xray_array
+from imgfeat.demo.samples import encode, xray_array
 from imgfeat.standalone import stop_group
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -17,10 +17,10 @@ import time
 import numpy as np
 import pytest
 
-import imgfeat.ingest
-import imgfeat.storage
-from imgfeat.extract import run_extract
-from imgfeat.samples import BAD_FILES, encode, make_samples, xray_array
+import imgfeat.io.listing
+import imgfeat.store.tables
+from imgfeat.demo.samples import BAD_FILES, encode, make_samples, xray_array
+from imgfeat.featurize.extract import run_extract
 
 from conftest import tiny_config
 
@@ -73,14 +73,14 @@ def test_bad_input_at_scale_ends_with_exact_counts(spark, tmp_path, monkeypatch)
         fh.write(os.urandom(300_000))
     vanishing = os.path.join(s.root, "PNEUMONIA", "vanishing.jpg")
     shutil.copy(glob.glob(os.path.join(s.root, "NORMAL", "*.jpg"))[0], vanishing)
-    real_read = imgfeat.ingest.read_contents
+    real_read = imgfeat.io.listing.read_contents
 
     def read_then_delete(*args, **kwargs):
         df = real_read(*args, **kwargs)  # the folder is listed here; the file goes before it is read
         os.remove(vanishing)
         return df
 
-    monkeypatch.setattr(imgfeat.ingest, "read_contents", read_then_delete)
+    monkeypatch.setattr(imgfeat.io.listing, "read_contents", read_then_delete)
     cfg = tiny_config(s.root, str(tmp_path / "feats"), "input.max_file_bytes=200000")
     result = run_extract(spark, cfg)
     feats, errors = _tables(spark, cfg)
@@ -92,7 +92,7 @@ def test_bad_input_at_scale_ends_with_exact_counts(spark, tmp_path, monkeypatch)
     assert {_local(p): c for p, c in zip(errors["path"], errors["error_class"])} == expected
     assert set(feats["path"]).isdisjoint(errors["path"])
 
-    monkeypatch.setattr(imgfeat.ingest, "read_contents", real_read)
+    monkeypatch.setattr(imgfeat.io.listing, "read_contents", real_read)
     again = run_extract(spark, cfg)  # the vanished file is no longer listed; nothing else to do
     assert (again.listed, again.processed) == (result.listed - 1, 0)
 
@@ -110,7 +110,7 @@ def test_run_that_dies_between_the_two_tables_is_completed_without_a_path_in_bot
     data, _ = encode(xray_array(np.random.default_rng(1), (64, 64), sick=False), "gray_jpeg")
     with open(bad, "wb") as fh:  # the broken file is fixed: same path, new content
         fh.write(data)
-    real_append = imgfeat.storage.append_rows
+    real_append = imgfeat.store.tables.append_rows
     calls = []
 
     def die_before_errors_table(spark_, df, location, *args, **kwargs):
@@ -119,10 +119,10 @@ def test_run_that_dies_between_the_two_tables_is_completed_without_a_path_in_bot
             raise KeyboardInterrupt("simulated death after the features table was written")
         return real_append(spark_, df, location, *args, **kwargs)
 
-    monkeypatch.setattr(imgfeat.storage, "append_rows", die_before_errors_table)
+    monkeypatch.setattr(imgfeat.store.tables, "append_rows", die_before_errors_table)
     with pytest.raises(KeyboardInterrupt):
         run_extract(spark, cfg)
-    monkeypatch.setattr(imgfeat.storage, "append_rows", real_append)
+    monkeypatch.setattr(imgfeat.store.tables, "append_rows", real_append)
 
     feats, errors = _tables(spark, cfg)
     bad_uri = "file:" + bad

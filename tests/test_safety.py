@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from imgfeat.privacy import PrivacyError, check_metadata, check_mlflow_run
+from imgfeat.train.privacy import PrivacyError, check_metadata, check_mlflow_run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,11 +26,11 @@ def _calls_and_keywords(tree: ast.AST):
 
 
 # The one model load: predict loads the Spark pipeline (no Keras model file) from the MLflow URI the user names.
-ALLOWED_MODEL_LOADS = {("predict.py", "load_model")}
+ALLOWED_MODEL_LOADS = {("batch.py", "load_model")}
 
 
 def test_predict_loads_only_the_model_uri_the_user_named():
-    tree = ast.parse((ROOT / "lib" / "imgfeat" / "predict.py").read_text())
+    tree = ast.parse((ROOT / "lib" / "imgfeat" / "serve" / "batch.py").read_text())
     loads = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "load_model"]
     assert len(loads) == 1
     assert ast.unparse(loads[0].func) == "mlflow.spark.load_model"
@@ -57,8 +57,8 @@ def test_library_never_deserializes_models_or_pickles():
 def test_weights_file_is_loaded_as_weights_only(tmp_path, monkeypatch):
     import keras
 
-    from imgfeat.backbones import get_backbone
-    from imgfeat.weights import WeightsError, sha256_file, weights_source
+    from imgfeat.backbones.registry import get_backbone
+    from imgfeat.backbones.weights import WeightsError, sha256_file, weights_source
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a model was deserialised")
@@ -84,9 +84,9 @@ def test_weights_file_is_loaded_as_weights_only(tmp_path, monkeypatch):
 
 
 def test_pinned_sha256_mismatch_stops_the_job_with_a_clear_error(spark, samples, tmp_path, capsys):
-    from imgfeat.backbones import get_backbone
+    from imgfeat.backbones.registry import get_backbone
+    from imgfeat.backbones.weights import sha256_file
     from imgfeat.cli import main
-    from imgfeat.weights import sha256_file
 
     weights = str(tmp_path / "tiny.weights.h5")
     get_backbone("tiny").build().save_weights(weights)

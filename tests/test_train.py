@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from imgfeat.config import load_config
-from imgfeat.metrics import binary_auc, classification_metrics
+from imgfeat.train.metrics import binary_auc, classification_metrics
 
 from conftest import tiny_config
 
@@ -48,7 +48,7 @@ def test_metrics_equal_scikit_learn(k):
 
 
 def test_keras_head_standardization_folds_into_the_first_layer_exactly():
-    from imgfeat.keras_head import fold_standardization
+    from imgfeat.train.keras_head import fold_standardization
 
     rng = np.random.default_rng(3)
     x = rng.normal(50, 30, (20, 6)).astype(np.float32)
@@ -96,7 +96,7 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained_all_heads(spark, tmp_path_factory, store):
-    from imgfeat.train import run_train
+    from imgfeat.train.fit import run_train
 
     tmp = tmp_path_factory.mktemp("heads")
     table = str(tmp / "features")
@@ -126,7 +126,7 @@ def test_every_head_reaches_high_accuracy_on_separable_features(trained_all_head
 def test_runs_params_metrics_and_artifacts_are_in_the_store(trained_all_heads, store):
     from mlflow.tracking import MlflowClient
 
-    from imgfeat.privacy import check_mlflow_run
+    from imgfeat.train.privacy import check_mlflow_run
 
     result, _ = trained_all_heads
     client = MlflowClient(store)
@@ -152,7 +152,7 @@ def test_runs_params_metrics_and_artifacts_are_in_the_store(trained_all_heads, s
 
 
 def test_the_split_is_the_same_for_every_backbone_and_stratified(spark, tmp_path, store):
-    from imgfeat.train import assign_split, read_features
+    from imgfeat.train.fit import assign_split, read_features
 
     table = str(tmp_path / "two")
     _separable_table(spark, table, per_class=25, classes=("N", "P"), models=("m1", "m2"))
@@ -176,7 +176,7 @@ def test_compare_prints_sorted_table_and_logs_it(trained_all_heads, store, capsy
     assert main(["compare", "--experiment", "heads", "--positive-class", "C", "--tracking-uri", store]) == 0
     out = capsys.readouterr().out
     assert "f1_C" in out and "keras" in out and "mlflow ui --backend-store-uri" in out
-    from imgfeat.compare import run_compare
+    from imgfeat.train.compare import run_compare
 
     cfg = load_config(sets=[f"mlflow.tracking_uri={store}", "mlflow.experiment=heads", "train.positive_class=B"])
     table = run_compare(cfg)
@@ -188,7 +188,7 @@ def test_compare_prints_sorted_table_and_logs_it(trained_all_heads, store, capsy
 
 
 def test_compare_names_a_wrong_positive_class(trained_all_heads, store):
-    from imgfeat.compare import run_compare
+    from imgfeat.train.compare import run_compare
 
     cfg = load_config(sets=[f"mlflow.tracking_uri={store}", "mlflow.experiment=heads", "train.positive_class=COVID"])
     with pytest.raises(ValueError, match="COVID.*not one of the trained labels"):
@@ -200,7 +200,7 @@ def test_model_selection_picks_the_better_grid_value_and_logs_it(spark, tmp_path
     """A depth-1 tree cannot tell three classes apart; CrossValidator / TrainValidationSplit must pick depth 5."""
     from mlflow.tracking import MlflowClient
 
-    from imgfeat.train import run_train
+    from imgfeat.train.fit import run_train
 
     table = str(tmp_path / "features")
     _separable_table(spark, table, per_class=30, dim=4)
@@ -226,7 +226,7 @@ def test_model_selection_picks_the_better_grid_value_and_logs_it(spark, tmp_path
 @pytest.fixture(scope="module")
 def image_run(spark, samples, tmp_path_factory, store):
     from imgfeat.cli import main
-    from imgfeat.extract import run_extract
+    from imgfeat.featurize.extract import run_extract
 
     tmp = tmp_path_factory.mktemp("e2e")
     features = str(tmp / "features")
@@ -271,7 +271,7 @@ def test_register_puts_the_best_model_in_the_registry(image_run, store):
 
 
 def test_predict_writes_one_row_per_image_and_errors_and_is_incremental(spark, samples, image_run, store):
-    from imgfeat.predict import run_predict
+    from imgfeat.serve.batch import run_predict
 
     result, _, tmp = image_run
     uri = f"runs:/{result['best_run_id']}/model"
@@ -290,7 +290,7 @@ def test_predict_writes_one_row_per_image_and_errors_and_is_incremental(spark, s
 
 
 def test_predict_says_what_is_wrong_with_a_non_imgfeat_model_uri(spark, tmp_path, store):
-    from imgfeat.predict import run_predict
+    from imgfeat.serve.batch import run_predict
 
     cfg = load_config(overrides={"input.path": str(tmp_path), "output.path": str(tmp_path / "p"), "mlflow.tracking_uri": store})
     with pytest.raises(ValueError, match="--model-uri"):
@@ -316,7 +316,7 @@ def _predict_config(uri: str, folder: str, output: str, store: str):
 
 
 def _add_xrays(folder: str, n: int, seed: int) -> list[str]:
-    from imgfeat.samples import encode, xray_array
+    from imgfeat.demo.samples import encode, xray_array
 
     rng = np.random.default_rng(seed)
     paths = []
@@ -335,8 +335,8 @@ def _run_ids(spark, location: str) -> dict[str, str]:
 def test_predict_processes_only_added_and_changed_files(spark, samples, image_run, store, tmp_path):
     import shutil
 
-    from imgfeat.predict import run_predict
-    from imgfeat.samples import encode, xray_array
+    from imgfeat.demo.samples import encode, xray_array
+    from imgfeat.serve.batch import run_predict
 
     result, _, _ = image_run
     folder = str(tmp_path / "img")
@@ -373,7 +373,7 @@ def test_killed_predict_leaves_previous_table_unchanged_and_rerun_completes(spar
     import sys
     import time
 
-    from imgfeat.predict import run_predict
+    from imgfeat.serve.batch import run_predict
 
     result, _, _ = image_run
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -2,7 +2,7 @@ import numpy as np
 from pyspark.ml import Pipeline, PipelineModel
 from pyspark.sql import functions as F
 
-from imgfeat.transformer import ImageFeaturizer
+from imgfeat.featurize.transformer import ImageFeaturizer
 
 
 def _images(spark, root):

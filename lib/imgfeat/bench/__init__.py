@@ -1,0 +1,1 @@
+"""Benchmarks: our extract job vs a plain single-process script (``run``, ``baseline``)."""

@@ -1,0 +1,166 @@
+"""Build a validated ``Config``: defaults < YAML files < CLI flags < ``--set key=value``.
+
+Every wrong key or value fails at start with a message that names the setting and where it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from typing import Any, Literal
+
+import yaml
+
+from imgfeat.config.schema import Config, ConfigError
+
+# ---------------------------------------------------------------------------------------------
+# building and validating
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check (and gently coerce) ``value`` against the annotation ``tp``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is Literal:
+        if value not in args:
+            allowed = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{where}: {value!r} is not allowed; use one of {allowed}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): str(v) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{where}: expected a whole number, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a whole number, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{where}: expected text, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{where}: unsupported type {tp}")  # pragma: no cover
+
+
+def _merge_into(obj: Any, data: dict[str, Any], where: str, source: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        dotted = f"{where}.{key}" if where else key
+        if key not in names:
+            valid = ", ".join(sorted(names))
+            raise ConfigError(
+                f"unknown setting '{dotted}' (from {source}); valid keys"
+                f"{' under ' + repr(where) if where else ''}: {valid}"
+            )
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{dotted}' (from {source}) must be a mapping, got {value!r}")
+            _merge_into(current, value, dotted, source)
+        elif isinstance(current, dict) and isinstance(value, dict):
+            current.update(_coerce(value, hints[key], f"'{dotted}' (from {source})"))
+        else:
+            setattr(obj, key, _coerce(value, hints[key], f"'{dotted}' (from {source})"))
+
+
+def _validate(cfg: Config) -> None:
+    checks = [
+        (cfg.inference.batch_size >= 1, "inference.batch_size must be >= 1"),
+        (cfg.inference.tf_threads >= 0, "inference.tf_threads must be >= 0 (0 = automatic)"),
+        (cfg.inference.arrow_batch_rows >= 1, "inference.arrow_batch_rows must be >= 1"),
+        (cfg.inference.decode_threads >= 1, "inference.decode_threads must be >= 1"),
+        (0.0 < cfg.input.split.test_fraction < 1.0, "input.split.test_fraction must be in (0, 1)"),
+        (0.0 < cfg.train.test_fraction < 1.0, "train.test_fraction must be in (0, 1)"),
+        (cfg.input.label.folder_level >= 1, "input.label.folder_level must be >= 1"),
+        (cfg.input.split.folder_level >= 1, "input.split.folder_level must be >= 1"),
+        (cfg.preprocess.image_size == 0 or cfg.preprocess.image_size >= 32, "preprocess.image_size must be 0 or >= 32"),
+        (cfg.input.max_file_bytes > 0, "input.max_file_bytes must be > 0"),
+        (cfg.preprocess.max_pixels > 0, "preprocess.max_pixels must be > 0"),
+        (cfg.train.cv_folds == 0 or cfg.train.cv_folds >= 2, "train.cv_folds must be 0 or >= 2"),
+        (0.0 <= cfg.train.validation_fraction < 1.0, "train.validation_fraction must be in [0, 1)"),
+        (cfg.train.keras.epochs >= 1, "train.keras.epochs must be >= 1"),
+        (cfg.train.keras.batch_size >= 1, "train.keras.batch_size must be >= 1"),
+        (cfg.train.keras.hidden_units >= 0, "train.keras.hidden_units must be >= 0 (0 = softmax only)"),
+        (
+            cfg.input.label.mode != "manifest" or bool(cfg.input.label.manifest),
+            "input.label.mode=manifest needs input.label.manifest (a CSV with path,label)",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    sha = cfg.model.weights_sha256
+    if sha is not None and (len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha.lower())):
+        raise ConfigError("model.weights_sha256 must be 64 hexadecimal characters")
+
+
+def parse_set(item: str) -> tuple[list[str], Any]:
+    """``'model.name=resnet50'`` -> (['model', 'name'], 'resnet50'); the value is read as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set inference.batch_size=64")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), value
+
+
+def _nest(keys: list[str], value: Any) -> dict[str, Any]:
+    out: Any = value
+    for k in reversed(keys):
+        out = {k: out}
+    return out
+
+
+def load_config(
+    files: list[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    sets: list[str] | None = None,
+) -> Config:
+    """Build the config: defaults, then each YAML file, then ``overrides`` (dotted keys), then ``sets``."""
+    cfg = Config()
+    for path in files or []:
+        if not os.path.exists(path):
+            raise ConfigError(f"config file {path!r} does not exist")
+        with open(path, encoding="utf-8") as fh:
+            try:
+                data = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"config file {path!r} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path!r} must hold a mapping of settings")
+        _merge_into(cfg, data, "", path)
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _merge_into(cfg, _nest(dotted.split("."), value), "", "command-line flag")
+    for item in sets or []:
+        keys, value = parse_set(item)
+        _merge_into(cfg, _nest(keys, value), "", f"--set {item}")
+    _validate(cfg)
+    return cfg

@@ -1,0 +1,221 @@
+"""The settings, as typed dataclasses with their defaults: the single source of truth.
+
+``conf/default.yaml`` documents them (a test keeps the two equal).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A setting is unknown or has a wrong value; the message names it."""
+
+
+@dataclass
+class LabelConfig:
+    mode: Literal["folder", "manifest", "none"] = "folder"
+    # 1 = the image's parent folder (root/CLASS/img.jpg), 2 = the folder above that, ...
+    folder_level: int = 1
+    # CSV with header "path,label" (path absolute, or relative to input.path); for mode=manifest.
+    manifest: str | None = None
+
+
+@dataclass
+class SplitConfig:
+    # none: no split column; hash: seeded hash of image_id, stable across runs;
+    # folder: the folder name at folder_level (e.g. root/train/NORMAL/x.jpg -> "train").
+    mode: Literal["none", "hash", "folder"] = "none"
+    test_fraction: float = 0.2
+    seed: int = 42
+    folder_level: int = 2
+
+
+@dataclass
+class InputConfig:
+    path: str | None = None
+    extensions: list[str] = field(
+        default_factory=lambda: ["jpg", "jpeg", "png", "bmp", "tif", "tiff", "gif", "webp"]
+    )
+    # Files larger than this are not read; they go to the errors table as too_large.
+    max_file_bytes: int = 256 * 1024 * 1024
+    label: LabelConfig = field(default_factory=LabelConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet50"
+    # imagenet (Keras cache), none (seeded random init), or a path to a .h5/.weights.h5 file.
+    weights: str = "imagenet"
+    # Optional pin: the job stops if the weights file's sha256 differs.
+    weights_sha256: str | None = None
+    seed: int = 42
+
+
+@dataclass
+class PreprocessConfig:
+    # Model input size in pixels; 0 = the backbone's own (224 for resnet50, 299 for inception_v3).
+    image_size: int = 0
+    # stretch: resize to a square ignoring aspect; pad: keep aspect, pad with black; crop: centre crop.
+    resize_mode: Literal["stretch", "pad", "crop"] = "stretch"
+    resample: Literal["nearest", "bilinear", "bicubic", "lanczos", "box"] = "bilinear"
+    # High-bit-depth images (16-bit, 32-bit): minmax stretches each image's own range to 0..255;
+    # full_range maps the type's full range (0..65535) to 0..255.
+    high_bit_depth: Literal["minmax", "full_range"] = "minmax"
+    # Decompression-bomb guard: images with more pixels are rejected as too_large.
+    max_pixels: int = 120_000_000
+    # Decode large JPEGs at reduced size (DCT scaling) before the resize.
+    jpeg_draft: bool = True
+    # Only these formats (as detected from the bytes) are decoded; others -> unsupported_format.
+    formats: list[str] = field(
+        default_factory=lambda: ["JPEG", "PNG", "BMP", "TIFF", "GIF", "WEBP", "MPO"]
+    )
+
+
+@dataclass
+class InferenceConfig:
+    batch_size: int = 32
+    # TensorFlow intra-op threads per Python worker; 0 = cores / task slots.
+    tf_threads: int = 0
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    mixed_precision: bool = False
+    # Rows per Arrow batch handed to the UDF (images are large rows).
+    arrow_batch_rows: int = 64
+    # Decode images in this many threads inside each Python worker (Pillow releases the GIL).
+    decode_threads: int = 1
+    # Build the model in the Python workers while the driver lists files.
+    warmup: bool = True
+
+
+@dataclass
+class OutputConfig:
+    path: str | None = None
+    # Defaults to "<path>_errors".
+    errors_path: str | None = None
+    format: Literal["auto", "delta", "parquet"] = "auto"
+    # incremental: only files not yet in the tables; overwrite: recompute everything.
+    mode: Literal["incremental", "overwrite"] = "incremental"
+    # Also store a float16 copy of the features (half the size).
+    float16_column: bool = False
+
+
+@dataclass
+class SparkConfig:
+    # None: the master from spark-submit / the running session, else local[*].
+    master: str | None = None
+    app_name: str = "imgfeat"
+    driver_memory: str = "4g"
+    conf: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class HeadParamsConfig:
+    """Hyperparameters of the heads when no grid search runs (train.cv_folds=0, validation_fraction=0)."""
+
+    lr_max_iter: int = 100
+    lr_reg_param: float = 0.01
+    lr_elastic_net_param: float = 0.0
+    rf_num_trees: int = 50
+    rf_max_depth: int = 8
+    dt_max_depth: int = 6
+    gbt_max_iter: int = 20
+    gbt_max_depth: int = 4
+    svc_max_iter: int = 100
+    svc_reg_param: float = 0.01
+
+
+@dataclass
+class GridConfig:
+    """Small grids searched by CrossValidator (train.cv_folds >= 2) or TrainValidationSplit."""
+
+    lr_reg_param: list[float] = field(default_factory=lambda: [0.0, 0.01, 0.1])
+    lr_elastic_net_param: list[float] = field(default_factory=lambda: [0.0, 0.5])
+    rf_num_trees: list[int] = field(default_factory=lambda: [20, 50])
+    rf_max_depth: list[int] = field(default_factory=lambda: [5, 10])
+    dt_max_depth: list[int] = field(default_factory=lambda: [4, 8])
+    gbt_max_depth: list[int] = field(default_factory=lambda: [3, 5])
+    svc_reg_param: list[float] = field(default_factory=lambda: [0.0, 0.01, 0.1])
+
+
+@dataclass
+class KerasHeadConfig:
+    """The ``keras`` head: a softmax (hidden_units=0) or one-hidden-layer net fed through Petastorm."""
+
+    hidden_units: int = 0
+    epochs: int = 30
+    batch_size: int = 32
+    learning_rate: float = 0.01
+    # Petastorm's Parquet cache for make_spark_converter (file:///... locally, dbfs:/... on Databricks).
+    cache_dir: str = "file:///tmp/imgfeat-petastorm"
+
+
+@dataclass
+class TrainConfig:
+    # Features table written by `extract` (path, or catalog.schema.table with Delta).
+    features: str | None = None
+    # lr, rf, dt (MLlib), gbt (GBT; one-vs-rest for >2 classes), svc (LinearSVC; one-vs-rest), keras.
+    heads: list[str] = field(default_factory=lambda: ["lr", "rf", "dt"])
+    # Backbones to train on; empty = every backbone (model + weights id) in the features table.
+    backbones: list[str] = field(default_factory=list)
+    # auto: the table's split column when it has train and test rows, else hash;
+    # column: the split column (train/test) is required; hash: seeded, exactly stratified per class.
+    split_mode: Literal["auto", "column", "hash"] = "auto"
+    test_fraction: float = 0.2
+    seed: int = 42
+    # >= 2: CrossValidator with K folds over train.grid; 0: fixed train.params.
+    cv_folds: int = 0
+    # > 0 (and cv_folds=0): TrainValidationSplit over train.grid with this validation share.
+    validation_fraction: float = 0.0
+    # Weight each training row by n / (classes * class count) (imbalanced data).
+    class_weighting: bool = False
+    # Class whose precision/recall/F1 the comparison table shows; null = the last label in order.
+    positive_class: str | None = None
+    # Register the best child run's model in the Model Registry under this name.
+    register: str | None = None
+    # Metric that picks the best run (for register and compare): any test_* metric name.
+    select_metric: str = "test_f1_macro"
+    # Tag "dataset" of the runs; null = the features table's name.
+    dataset: str | None = None
+    params: HeadParamsConfig = field(default_factory=HeadParamsConfig)
+    grid: GridConfig = field(default_factory=GridConfig)
+    keras: KerasHeadConfig = field(default_factory=KerasHeadConfig)
+
+
+@dataclass
+class PredictConfig:
+    # runs:/RUN_ID/model or models:/NAME/VERSION (a model logged by `train`).
+    model_uri: str | None = None
+    # Also write one column per class with its probability.
+    probability_columns: bool = True
+
+
+@dataclass
+class MlflowConfig:
+    # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory.
+    tracking_uri: str | None = None
+    experiment: str = "imgfeat"
+
+
+@dataclass
+class Config:
+    input: InputConfig = field(default_factory=InputConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    spark: SparkConfig = field(default_factory=SparkConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def errors_path(self) -> str | None:
+        if self.output.errors_path:
+            return self.output.errors_path
+        return f"{self.output.path.rstrip('/')}_errors" if self.output.path else None

@@ -1,0 +1,154 @@
+"""Generate labelled sample images (and broken files) for the demo and the tests.
+
+Images look vaguely like chest X-rays: two dark lung fields in a bright body. Class PNEUMONIA adds
+bright patchy opacities, so classes are learnable even from random-weight features.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+CLASSES = ("NORMAL", "PNEUMONIA")
+
+# Broken-file kinds, and the error class each must end in.
+BAD_FILES = {
+    "empty.jpg": "empty_file",
+    "truncated.jpg": "truncated",
+    "not_an_image.png": "not_an_image",
+    "unsupported.png": "unsupported_format",
+    "bomb.png": "too_large",
+}
+
+
+def xray_array(rng: np.random.Generator, size: tuple[int, int], sick: bool) -> np.ndarray:
+    """A float image in 0..1 of the given (width, height)."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    yy /= h
+    xx /= w
+    img = 0.75 + 0.1 * rng.standard_normal() * xx
+    for cx in (0.32, 0.68):
+        lung = ((xx - cx) / 0.16) ** 2 + ((yy - 0.5) / 0.3) ** 2 < 1.0
+        img = np.where(lung, 0.2 + 0.05 * rng.random(), img)
+    if sick:
+        for _ in range(rng.integers(3, 7)):
+            cx, cy, r = rng.uniform(0.2, 0.8), rng.uniform(0.3, 0.7), rng.uniform(0.04, 0.1)
+            blob = np.exp(-(((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r)))
+            img = img + 0.6 * blob
+        img = img + 0.08 * rng.standard_normal((h, w))
+    else:
+        img = img + 0.02 * rng.standard_normal((h, w))
+    return np.clip(img, 0.0, 1.0)
+
+
+def encode(arr01: np.ndarray, kind: str) -> tuple[bytes, str]:
+    """Encode a 0..1 image as one of the kinds users have; returns (bytes, extension)."""
+    gray8 = (arr01 * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    if kind == "gray_jpeg":
+        Image.fromarray(gray8, "L").save(buf, "JPEG", quality=90)
+        return buf.getvalue(), "jpg"
+    if kind == "rgb_jpeg":
+        Image.fromarray(np.stack([gray8] * 3, -1), "RGB").save(buf, "JPEG", quality=90)
+        return buf.getvalue(), "jpeg"
+    if kind == "rgb_png":
+        Image.fromarray(np.stack([gray8] * 3, -1), "RGB").save(buf, "PNG")
+        return buf.getvalue(), "png"
+    if kind == "rgba_png":
+        alpha = np.full_like(gray8, 255)
+        Image.fromarray(np.stack([gray8] * 3 + [alpha], -1), "RGBA").save(buf, "PNG")
+        return buf.getvalue(), "PNG"
+    if kind == "gray16_png":
+        # 12-bit data in a 16-bit container, as many detectors write it
+        Image.fromarray((arr01 * 4095).astype(np.uint16)).save(buf, "PNG")
+        return buf.getvalue(), "png"
+    if kind == "palette_png":
+        Image.fromarray(gray8, "L").convert("P").save(buf, "PNG")
+        return buf.getvalue(), "png"
+    if kind == "cmyk_jpeg":
+        Image.fromarray(np.stack([gray8] * 3, -1), "RGB").convert("CMYK").save(buf, "JPEG")
+        return buf.getvalue(), "JPG"
+    if kind == "png_named_jpg":  # mislabelled extension: detected from the bytes
+        Image.fromarray(gray8, "L").save(buf, "PNG")
+        return buf.getvalue(), "jpg"
+    if kind == "exif_rotated_jpeg":
+        img = Image.fromarray(gray8, "L")
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        img.save(buf, "JPEG", exif=exif.tobytes())
+        return buf.getvalue(), "jpg"
+    raise ValueError(f"unknown kind {kind!r}")
+
+
+KINDS = (
+    "gray_jpeg", "rgb_jpeg", "rgb_png", "rgba_png", "gray16_png",
+    "palette_png", "cmyk_jpeg", "png_named_jpg", "exif_rotated_jpeg",
+)
+
+
+@dataclass
+class SampleSet:
+    root: str
+    valid: int
+    bad: dict[str, str]  # file path -> expected error class
+
+
+def bad_file_bytes(name: str) -> bytes:
+    buf = io.BytesIO()
+    if name == "empty.jpg":
+        return b""
+    if name == "truncated.jpg":
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256), dtype=np.uint8), "L").save(buf, "JPEG")
+        data = buf.getvalue()
+        return data[: len(data) // 3]
+    if name == "not_an_image.png":
+        return b"this is a text file, not an image\n" * 20
+    if name == "unsupported.png":
+        Image.new("RGB", (32, 32), (128, 0, 0)).save(buf, "ICO")
+        return buf.getvalue()
+    if name == "bomb.png":
+        Image.new("1", (12_000, 12_000), 0).save(buf, "PNG", optimize=True)  # 144 Mpx, a few kB
+        return buf.getvalue()
+    raise ValueError(name)
+
+
+def make_samples(
+    root: str,
+    per_class: int = 12,
+    sizes: tuple[tuple[int, int], ...] = ((256, 256), (320, 240), (200, 300), (512, 512)),
+    with_bad: bool = True,
+    seed: int = 0,
+    classes: tuple[str, ...] = CLASSES,
+) -> SampleSet:
+    """Write ``per_class`` images of mixed kinds per class under root/CLASS/, plus broken files."""
+    rng = np.random.default_rng(seed)
+    count = 0
+    for c, cls in enumerate(classes):
+        folder = os.path.join(root, cls)
+        os.makedirs(folder, exist_ok=True)
+        for i in range(per_class):
+            kind = KINDS[(i + c) % len(KINDS)]
+            size = sizes[i % len(sizes)]
+            data, ext = encode(xray_array(rng, size, sick=c % 2 == 1), kind)
+            with open(os.path.join(folder, f"{cls.lower()}_{i:04d}_{kind}.{ext}"), "wb") as fh:
+                fh.write(data)
+            count += 1
+    bad: dict[str, str] = {}
+    if with_bad:
+        folder = os.path.join(root, classes[0])
+        for name, error_class in BAD_FILES.items():
+            path = os.path.join(folder, f"bad_{name}")
+            with open(path, "wb") as fh:
+                fh.write(bad_file_bytes(name))
+            bad[os.path.abspath(path)] = error_class
+    # Not images / hidden: never listed as images.
+    with open(os.path.join(root, "README.txt"), "w") as fh:
+        fh.write("sample images generated by imgfeat.demo.samples\n")
+    with open(os.path.join(root, classes[0], ".hidden.jpg"), "wb") as fh:
+        fh.write(b"hidden files are skipped")
+    return SampleSet(os.path.abspath(root), count, bad)

@@ -1,0 +1,1 @@
+"""Featurizing on Spark: the pandas UDF (``udf``), the ML Transformer (``transformer``) and the extract job (``extract``)."""

@@ -1,0 +1,125 @@
+"""``ImageFeaturizer``: a saveable Spark ML Transformer, image bytes -> feature vector.
+
+Round-trips through ``Pipeline``/``PipelineModel.save/load`` (only JSON-serialisable params are
+stored; weights are re-resolved from ``weights`` on load, pinned by ``weightsSha256`` if set).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pyspark import keyword_only
+from pyspark.ml import Transformer
+from pyspark.ml.param.shared import (
+    HasInputCol,
+    HasOutputCol,
+    Param,
+    Params,
+    TypeConverters,
+)
+from pyspark.ml.util import DefaultParamsReadable, DefaultParamsWritable
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from imgfeat.backbones.registry import get_backbone
+from imgfeat.backbones.weights import WeightsSource
+from imgfeat.io.decoders import DecodeOptions
+
+# Driver-side cache of resolved weights: (model, weights, seed, sha) -> source.
+_RESOLVED: dict[tuple[str, str, int, str], WeightsSource] = {}
+
+
+class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReadable, DefaultParamsWritable):
+    """Decode image bytes and run a frozen backbone; rows that fail get a null vector and an error."""
+
+    modelName = Param(Params._dummy(), "modelName", "backbone name, e.g. resnet50", TypeConverters.toString)
+    weights = Param(Params._dummy(), "weights", "imagenet | none | path to weights file", TypeConverters.toString)
+    weightsSha256 = Param(Params._dummy(), "weightsSha256", "required sha256 of the weights file ('' = no pin)", TypeConverters.toString)
+    seed = Param(Params._dummy(), "seed", "seed for weights=none", TypeConverters.toInt)
+    imageSize = Param(Params._dummy(), "imageSize", "input size in pixels (0 = the backbone's)", TypeConverters.toInt)
+    batchSize = Param(Params._dummy(), "batchSize", "images per model call", TypeConverters.toInt)
+    resizeMode = Param(Params._dummy(), "resizeMode", "stretch | pad | crop", TypeConverters.toString)
+    resample = Param(Params._dummy(), "resample", "nearest | bilinear | bicubic | lanczos | box", TypeConverters.toString)
+    highBitDepth = Param(Params._dummy(), "highBitDepth", "minmax | full_range", TypeConverters.toString)
+    outputType = Param(Params._dummy(), "outputType", "vector (ML Vector) | array (array<float>)", TypeConverters.toString)
+    errorCol = Param(Params._dummy(), "errorCol", "column for decode errors ('' = none)", TypeConverters.toString)
+    tfThreads = Param(Params._dummy(), "tfThreads", "TensorFlow threads per worker (0 = automatic)", TypeConverters.toInt)
+
+    @keyword_only
+    def __init__(
+        self,
+        inputCol: str = "content",
+        outputCol: str = "features",
+        modelName: str = "resnet50",
+        weights: str = "imagenet",
+        weightsSha256: str = "",
+        seed: int = 42,
+        imageSize: int = 0,
+        batchSize: int = 32,
+        resizeMode: str = "stretch",
+        resample: str = "bilinear",
+        highBitDepth: str = "minmax",
+        outputType: str = "vector",
+        errorCol: str = "featurize_error",
+        tfThreads: int = 0,
+    ) -> None:
+        super().__init__()
+        self._setDefault(
+            inputCol="content", outputCol="features", modelName="resnet50", weights="imagenet",
+            weightsSha256="", seed=42, imageSize=0, batchSize=32, resizeMode="stretch",
+            resample="bilinear", highBitDepth="minmax", outputType="vector",
+            errorCol="featurize_error", tfThreads=0,
+        )
+        self._set(**self._input_kwargs)
+
+    @keyword_only
+    def setParams(self, **kwargs: Any) -> ImageFeaturizer:
+        return self._set(**self._input_kwargs)
+
+    def weights_source(self) -> WeightsSource:
+        """The resolved weights (id, seed or file), cached on the driver."""
+        from imgfeat.backbones.weights import weights_source
+
+        key = (self.getOrDefault("modelName"), self.getOrDefault("weights"), self.getOrDefault("seed"), self.getOrDefault("weightsSha256"))
+        if key not in _RESOLVED:
+            _RESOLVED[key] = weights_source(get_backbone(key[0]), key[1], key[2], key[3] or None)
+        return _RESOLVED[key]
+
+    def _transform(self, dataset: DataFrame) -> DataFrame:
+        from pyspark.ml.functions import array_to_vector
+
+        from imgfeat.featurize.udf import FeaturizeSpec, featurize_udf
+        from imgfeat.session import tf_threads_for
+
+        backbone = get_backbone(self.getOrDefault("modelName"))
+        source = self.weights_source()
+        spec = FeaturizeSpec(
+            model_name=backbone.name,
+            weights=source,
+            decode=DecodeOptions(
+                size=self.getOrDefault("imageSize") or backbone.input_size,
+                resize_mode=self.getOrDefault("resizeMode"),
+                resample=self.getOrDefault("resample"),
+                high_bit_depth=self.getOrDefault("highBitDepth"),
+            ),
+            batch_size=self.getOrDefault("batchSize"),
+            tf_threads=tf_threads_for(dataset.sparkSession, self.getOrDefault("tfThreads")),
+        )
+        spark = dataset.sparkSession
+        data = source.read_bytes()
+        udf = featurize_udf(spec, spark.sparkContext.broadcast(data) if data is not None else None)
+        out_col, err_col = self.getOutputCol(), self.getOrDefault("errorCol")
+        result = dataset.withColumn("_imgfeat_r", udf(F.col(self.getInputCol())))
+        features = F.col("_imgfeat_r.features")
+        if self.getOrDefault("outputType") == "vector":
+            features = F.when(features.isNotNull(), array_to_vector(features))
+        result = result.withColumn(out_col, features)
+        if err_col:
+            result = result.withColumn(
+                err_col,
+                F.when(
+                    F.col("_imgfeat_r.error_class").isNotNull(),
+                    F.concat_ws(": ", F.col("_imgfeat_r.error_class"), F.col("_imgfeat_r.error_message")),
+                ),
+            )
+        return result.drop("_imgfeat_r")

@@ -1,0 +1,46 @@
+"""What every decoder shares: the options, the decoded image, and errors as data (an error class + a message)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Error classes, as written to the errors table.
+EMPTY_FILE = "empty_file"
+TRUNCATED = "truncated"
+NOT_AN_IMAGE = "not_an_image"
+UNSUPPORTED_FORMAT = "unsupported_format"
+TOO_LARGE = "too_large"
+UNREADABLE = "unreadable"
+DECODE_FAILED = "decode_failed"
+ERROR_CLASSES = (EMPTY_FILE, TRUNCATED, NOT_AN_IMAGE, UNSUPPORTED_FORMAT, TOO_LARGE, UNREADABLE, DECODE_FAILED)
+
+
+class DecodeError(Exception):
+    """An image could not be turned into model input; ``error_class`` is one of ERROR_CLASSES."""
+
+    def __init__(self, error_class: str, message: str):
+        super().__init__(message)
+        self.error_class = error_class
+        self.message = message
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    size: int = 224
+    resize_mode: str = "stretch"
+    resample: str = "bilinear"
+    high_bit_depth: str = "minmax"
+    max_pixels: int = 120_000_000
+    jpeg_draft: bool = True
+    formats: tuple[str, ...] = ("JPEG", "PNG", "BMP", "TIFF", "GIF", "WEBP", "MPO")
+
+
+@dataclass
+class DecodedImage:
+    array: np.ndarray  # float32, (size, size, 3), values 0..255
+    width: int  # original width, after EXIF orientation
+    height: int
+    source_mode: str  # Pillow mode of the file, e.g. L, RGB, RGBA, P, I;16
+    format: str  # detected from the bytes, e.g. JPEG, PNG

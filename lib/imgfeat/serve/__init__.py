@@ -1,0 +1,1 @@
+"""Scoring new images with a trained model: batch prediction on Spark (``batch``)."""

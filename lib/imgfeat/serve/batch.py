@@ -1,0 +1,186 @@
+"""Batch prediction with a model logged by ``train``: image folder -> predictions table + errors table.
+
+Reuses extract's machinery: listing (``imgfeat.io.listing``), incremental planning, the featurizing UDF
+(so bad images get exactly extract's error classes), and ``imgfeat.store.tables.append_rows``. The
+model's first stage (``ImageFeaturizer``) featurizes; its remaining stages (head + label converter)
+score the images that decoded. Rows are keyed by (path, model = the model URI, weights_id).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from imgfeat.config import Config
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PredictResult:
+    model_uri: str
+    listed: int
+    already_done: int
+    processed: int  # = predicted + failed
+    predicted: int
+    failed: int
+    replaced: int
+    predictions_path: str
+    errors_path: str
+    format: str
+    labels: list[str]
+    predicted_counts: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (
+            f"[imgfeat] predict {self.model_uri}: listed {self.listed} image files; {self.already_done} already done; "
+            f"processed {self.processed} = predicted {self.predicted} + failed {self.failed} in {self.seconds:.1f}s\n"
+            f"[imgfeat]   predicted classes: {self.predicted_counts}\n"
+            f"[imgfeat]   predictions ({self.format}): {self.predictions_path}\n"
+            f"[imgfeat]   errors      ({self.format}): {self.errors_path}"
+        )
+
+
+def load_scoring_model(cfg: Config) -> tuple[Any, Any, list[str]]:
+    """(ImageFeaturizer, PipelineModel of the remaining stages, labels) of ``predict.model_uri``."""
+    import mlflow.spark
+    from pyspark.ml import PipelineModel
+    from pyspark.ml.feature import IndexToString
+
+    from imgfeat.featurize.transformer import ImageFeaturizer
+    from imgfeat.train.tracking import use_tracking
+
+    uri = cfg.predict.model_uri
+    if not uri:
+        raise ValueError("no model: pass --model-uri runs:/RUN_ID/model or models:/NAME/VERSION (see `imgfeat compare`)")
+    use_tracking(cfg)
+    model = mlflow.spark.load_model(uri)
+    stages = list(model.stages)
+    if not stages or not isinstance(stages[0], ImageFeaturizer):
+        raise ValueError(f"{uri} is not an imgfeat model (its first stage is not an ImageFeaturizer); use a model logged by `imgfeat train`")
+    converters = [s for s in stages if isinstance(s, IndexToString)]
+    labels = list(converters[-1].getLabels()) if converters else []
+    return stages[0], PipelineModel(stages=stages[1:]), labels
+
+
+def _featurize_config(cfg: Config, featurizer: Any) -> Config:
+    """The extract settings equivalent to the model's featurizer (so decoding and errors are identical)."""
+    fcfg = copy.deepcopy(cfg)
+    get = featurizer.getOrDefault
+    fcfg.model.name = get("modelName")
+    fcfg.preprocess.image_size = get("imageSize")
+    fcfg.preprocess.resize_mode = get("resizeMode")
+    fcfg.preprocess.resample = get("resample")
+    fcfg.preprocess.high_bit_depth = get("highBitDepth")
+    fcfg.output.float16_column = False
+    return fcfg
+
+
+def _column_name(label: str) -> str:
+    import re
+
+    return "probability_" + re.sub(r"\W", "_", label)
+
+
+def run_predict(spark: SparkSession, cfg: Config) -> PredictResult:
+    """Score every image under ``input.path`` with ``predict.model_uri``; write predictions and errors."""
+    from pyspark import StorageLevel
+    from pyspark.ml.functions import array_to_vector, vector_to_array
+    from pyspark.sql import functions as F
+
+    from imgfeat.featurize.extract import (
+        broadcast_weights,
+        existing_keys,
+        featurize_contents,
+        featurize_spec,
+        plan_work,
+        replace_keys,
+        unread_errors,
+    )
+    from imgfeat.io.listing import broadcast_if_small, list_files, read_contents
+    from imgfeat.store.tables import append_rows, drop_scratch, read_table, resolve_format
+
+    if not cfg.output.path:
+        raise ValueError("no output location: pass --output PATH (or set output.path) for the predictions table")
+    started = time.time()
+    featurizer, head, labels = load_scoring_model(cfg)
+    uri = cfg.predict.model_uri or ""
+    source = featurizer.weights_source()
+    weights_id = source.weights_id
+    fcfg = _featurize_config(cfg, featurizer)
+    spec = featurize_spec(spark, fcfg, source)
+    weights_broadcast = broadcast_weights(spark, source)
+    fmt = resolve_format(spark, cfg.output.format)
+    run_id = uuid.uuid4().hex[:12]
+
+    images, _ = list_files(spark, cfg)
+    images = images.persist(StorageLevel.MEMORY_AND_DISK)
+    n_listed = images.count()
+    existing = existing_keys(spark, cfg, fmt, weights_id, model=uri)
+    scratch = f"todo-{run_id}"
+    todo, n_todo, replace, n_replaced = plan_work(spark, images, existing, cfg.output.mode, cfg.output.path, scratch)
+    meta = [F.lit(uri).alias("model"), F.lit(weights_id).alias("weights_id"), F.lit(run_id).alias("run_id"),
+            F.current_timestamp().alias("predicted_at")]
+    fingerprint = ["file_length", "file_modification_time"]
+    predicted = failed = 0
+    counts: dict[str, int] = {}
+    if n_todo:
+        contents = read_contents(spark, cfg, todo, n_todo, n_listed)
+        rows = featurize_contents(
+            contents.select("path", "content", F.col("length").alias("file_length"),
+                            F.col("modificationTime").alias("file_modification_time"))
+            .join(broadcast_if_small(todo.drop(*fingerprint), n_todo), on="path", how="inner"),
+            spec,
+            weights_broadcast,
+        )
+        rows = rows.persist(StorageLevel.MEMORY_AND_DISK)
+        ok = rows.filter(F.col("error_class").isNull()).withColumn("features", array_to_vector(F.col("features")))
+        scored = head.transform(ok)
+        prob_cols = []
+        if "probability" in scored.columns:
+            scored = scored.withColumn("probability", vector_to_array(F.col("probability")))
+            if cfg.predict.probability_columns:
+                prob_cols = [F.col("probability")[i].alias(_column_name(lab)) for i, lab in enumerate(labels)]
+        else:
+            scored = scored.withColumn("probability", F.lit(None).cast("array<double>"))
+        prediction_rows = scored.select(
+            "image_id", "path", "rel_path", "label", "prediction", "probability", *prob_cols, *meta, *fingerprint
+        )
+        unread = unread_errors(todo, contents, cfg.input.max_file_bytes)
+        error_cols = ["image_id", "path", "rel_path", "label", "split", "error_class", "error_message", *fingerprint]
+        error_rows = (
+            rows.filter(F.col("error_class").isNotNull()).select(*error_cols)
+            .unionByName(unread.select(*error_cols))
+            .select(*error_cols[:5], *meta, *error_cols[5:])
+        )
+        keys = replace_keys(replace, uri, weights_id)
+        append_rows(spark, prediction_rows, cfg.output.path, fmt, replace=keys)
+        append_rows(spark, error_rows, cfg.errors_path, fmt, replace=keys)
+        failed = rows.filter(F.col("error_class").isNotNull()).count() + unread.count()
+        predicted = rows.filter(F.col("error_class").isNull()).count()
+        # Count what was written (not what was planned): every decoded image must have its prediction row.
+        out = read_table(spark, cfg.output.path, fmt).filter((F.col("model") == uri) & (F.col("run_id") == run_id))
+        counts = {r["prediction"]: r["n"] for r in out.groupBy("prediction").agg(F.count("*").alias("n")).collect()}
+        if sum(counts.values()) != predicted:
+            raise RuntimeError(f"accounting mismatch: {predicted} images decoded but {sum(counts.values())} predictions written")
+        rows.unpersist()
+    images.unpersist()
+    drop_scratch(spark, cfg.output.path, scratch)
+    if predicted + failed != n_todo:
+        raise RuntimeError(f"accounting mismatch: {n_todo} files to process but {predicted} predicted + {failed} failed")
+    return PredictResult(
+        model_uri=uri, listed=n_listed, already_done=n_listed - n_todo, processed=n_todo, predicted=predicted,
+        failed=failed, replaced=n_replaced, predictions_path=cfg.output.path, errors_path=cfg.errors_path or "",
+        format=fmt, labels=labels, predicted_counts=counts, seconds=round(time.time() - started, 2),
+    )

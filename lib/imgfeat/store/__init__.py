@@ -1,0 +1,1 @@
+"""Tables: features, errors and predictions in Parquet or Delta, incremental appends and repair (``tables``)."""

@@ -1,0 +1,126 @@
+"""Compare the child runs of a ``train`` call: a table sorted best first, logged to the parent run."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import TYPE_CHECKING, Any
+
+from imgfeat.config import Config
+from imgfeat.train.metrics import metric_key
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+def latest_parent_run(client: Any, experiment_id: str) -> Any:
+    """The most recent ``train`` parent run of the experiment."""
+    runs = client.search_runs(
+        [experiment_id], filter_string="tags.`imgfeat.kind` = 'train'", order_by=["attributes.start_time DESC"], max_results=1
+    )
+    if not runs:
+        raise ValueError("the experiment has no `imgfeat train` run yet; run `imgfeat train --features PATH` first")
+    return runs[0]
+
+
+def comparison_table(children: list[Any], positive: str, sort_by: str = "test_f1_macro") -> pd.DataFrame:
+    """One row per child run: backbone | head | accuracy | precision/recall/F1 of ``positive`` | macro F1 | kappa | AUC."""
+    import pandas as pd
+
+    key = metric_key(positive)
+    rows = []
+    for run in children:
+        m = run.data.metrics
+        rows.append({
+            "backbone": run.data.tags.get("backbone", "?"),
+            "head": run.data.tags.get("head", "?"),
+            "accuracy": m.get("test_accuracy"),
+            f"precision_{positive}": m.get(f"test_precision_{key}"),
+            f"recall_{positive}": m.get(f"test_recall_{key}"),
+            f"f1_{positive}": m.get(f"test_f1_{key}"),
+            "f1_macro": m.get("test_f1_macro"),
+            "kappa": m.get("test_kappa"),
+            "auc": m.get("test_roc_auc"),
+            "run_id": run.info.run_id,
+            "_sort": m.get(sort_by),
+        })
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    table = table.sort_values(["_sort", "accuracy", "backbone", "head"], ascending=[False, False, True, True], na_position="last")
+    return table.drop(columns="_sort").reset_index(drop=True)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """A GitHub-style Markdown table (numbers with 4 decimals)."""
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return "" if v != v else f"{v:.4f}"
+        return str(v)
+
+    header = "| " + " | ".join(table.columns) + " |"
+    rule = "|" + "|".join("---" for _ in table.columns) + "|"
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
+
+
+def bar_chart(table: pd.DataFrame, positive: str, title: str) -> Any:
+    """Grouped bars per backbone x head: accuracy, F1 of the positive class, macro F1, AUC."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    series = ["accuracy", f"f1_{positive}", "f1_macro", "auc"]
+    names = [f"{b}\n{h}" for b, h in zip(table["backbone"], table["head"], strict=True)]
+    x = np.arange(len(names))
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names) + 2), 4.5))
+    for i, s in enumerate(series):
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, table[s].astype(float).fillna(0.0), width, label=s)
+    ax.set_xticks(x, names, fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, ncol=len(series), loc="lower center")
+    fig.tight_layout()
+    return fig
+
+
+def run_compare(cfg: Config, parent_run_id: str | None = None) -> pd.DataFrame:
+    """The comparison table of the latest (or the given) ``train`` run of ``mlflow.experiment``.
+
+    Also logs ``comparison.md``, ``comparison.csv`` and ``comparison.png`` to that parent run.
+    """
+    import matplotlib.pyplot as plt
+    from mlflow.tracking import MlflowClient
+
+    from imgfeat.train.tracking import use_experiment
+
+    experiment_id = use_experiment(cfg, create=False)
+    client = MlflowClient()
+    parent = client.get_run(parent_run_id) if parent_run_id else latest_parent_run(client, experiment_id)
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=5000
+    )
+    if not children:
+        raise ValueError(f"train run {parent.info.run_id} has no child runs (did it fail? see the MLflow UI)")
+    labels = json.loads(parent.data.params.get("labels", "[]"))
+    positive = cfg.train.positive_class or (labels[-1] if labels else None)
+    if positive is None or (labels and positive not in labels):
+        raise ValueError(f"positive class {positive!r} is not one of the trained labels {labels}; pass --positive-class")
+    table = comparison_table(children, positive, cfg.train.select_metric)
+    dataset = parent.data.tags.get("dataset", "")
+    with tempfile.TemporaryDirectory() as tmp:
+        md = os.path.join(tmp, "comparison.md")
+        with open(md, "w", encoding="utf-8") as fh:
+            fh.write(f"# {dataset}: positive class {positive}, sorted by {cfg.train.select_metric}\n\n{to_markdown(table)}\n")
+        table.to_csv(os.path.join(tmp, "comparison.csv"), index=False)
+        fig = bar_chart(table, positive, f"{dataset} (positive class {positive})")
+        fig.savefig(os.path.join(tmp, "comparison.png"), dpi=110)
+        plt.close(fig)
+        for name in ("comparison.md", "comparison.csv", "comparison.png"):
+            client.log_artifact(parent.info.run_id, os.path.join(tmp, name))
+    table.attrs.update({"parent_run_id": parent.info.run_id, "positive_class": positive, "experiment_id": experiment_id})
+    return table

@@ -1,0 +1,396 @@
+"""Train heads on a features table, one MLflow child run per backbone x head.
+
+Reads the table written by ``extract``; indexes labels once (alphabetical order); splits images into
+train/test once (the table's ``split`` column, or a seeded, exactly stratified hash split) so every
+backbone and head is tested on the same images; fits each head (optionally with CrossValidator or
+TrainValidationSplit); logs params, metrics, plots and a ``PipelineModel`` of ``ImageFeaturizer`` +
+head + label converter that scores raw image bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from imgfeat.config import Config
+from imgfeat.train.heads import FEATURES_COL, HEAD_NAMES, LABEL_COL, PREDICTION_COL, WEIGHT_COL
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+log = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("image_id", "path", "label", "features", "model", "weights_id")
+
+
+@dataclass
+class ChildRun:
+    backbone: str
+    weights_id: str
+    head: str
+    run_id: str
+    metrics: dict[str, float]
+    params: dict[str, Any]
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    parent_run_id: str
+    experiment_id: str
+    experiment: str
+    tracking_uri: str
+    features: str
+    labels: list[str]
+    split_mode: str
+    n_train: int
+    n_test: int
+    excluded_unlabelled: int
+    excluded_split: int
+    runs: list[ChildRun] = field(default_factory=list)
+    best_run_id: str | None = None
+    registered: dict[str, str] | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        lines = [
+            f"[imgfeat] train: {len(self.runs)} runs in experiment {self.experiment!r} (parent run {self.parent_run_id}) "
+            f"in {self.seconds:.1f}s; split {self.split_mode}: {self.n_train} train / {self.n_test} test images; "
+            f"labels {self.labels}",
+        ]
+        if self.excluded_unlabelled or self.excluded_split:
+            lines.append(
+                f"[imgfeat]   excluded: {self.excluded_unlabelled} rows without a label, "
+                f"{self.excluded_split} rows whose split is neither train nor test"
+            )
+        for r in self.runs:
+            lines.append(
+                f"[imgfeat]   {r.backbone:<14} {r.head:<5} accuracy {r.metrics.get('test_accuracy', float('nan')):.4f}  "
+                f"macro F1 {r.metrics.get('test_f1_macro', float('nan')):.4f}  AUC {r.metrics.get('test_roc_auc', float('nan')):.4f}  "
+                f"({r.seconds:.1f}s)  run {r.run_id}"
+            )
+        if self.registered:
+            lines.append(f"[imgfeat]   registered {self.registered['name']} version {self.registered['version']} (run {self.best_run_id})")
+        lines.append(f"[imgfeat]   tracking: {self.tracking_uri}  (compare: imgfeat compare --experiment {self.experiment})")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading and splitting
+
+
+def table_format(spark: SparkSession, location: str, requested: str) -> str:
+    """``auto``: delta when the location is a Delta table (or a table name), else parquet."""
+    from imgfeat.store.tables import _hadoop_fs, is_table_name
+
+    if requested != "auto":
+        return requested
+    if is_table_name(location):
+        return "delta"
+    fs, jpath = _hadoop_fs(spark, location)
+    return "delta" if fs.exists(jpath.suffix("/_delta_log")) else "parquet"
+
+
+def read_features(spark: SparkSession, cfg: Config) -> DataFrame:
+    """The features table, checked for the columns training needs."""
+    from imgfeat.store.tables import read_table, table_exists
+
+    location = cfg.train.features
+    if not location:
+        raise ValueError("no features table: pass --features PATH (or set train.features), the --output of extract")
+    fmt = table_format(spark, location, cfg.output.format)
+    if not table_exists(spark, location, fmt):
+        raise FileNotFoundError(f"features table {location!r} ({fmt}) does not exist or is empty; run `imgfeat extract` first")
+    df = read_table(spark, location, fmt)
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"{location!r} is not an imgfeat features table: missing columns {', '.join(missing)}")
+    return df
+
+
+def assign_split(images: DataFrame, cfg: Config) -> tuple[DataFrame, str]:
+    """image_id, label -> image_id, is_test, by train.split_mode; returns (frame, mode used).
+
+    ``hash``: within each class, images are ordered by a seeded hash of their id and the first
+    round(test_fraction x class size) are the test set: exactly stratified, independent of backbone.
+    """
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    tc = cfg.train
+    mode = tc.split_mode
+    values: set[str] = set()
+    if "split" in images.columns and mode in ("auto", "column"):
+        values = {r["split"] for r in images.select("split").distinct().collect()}
+    if mode == "column" and not {"train", "test"} <= values:
+        raise ValueError(
+            f"train.split_mode=column, but the features table's split column has {sorted(v for v in values if v) or 'no values'}; "
+            "extract with --split-mode folder/hash, or use train.split_mode=hash"
+        )
+    if mode in ("auto", "column") and {"train", "test"} <= values:
+        return images.select("image_id", "label", "split").withColumn(
+            "is_test", F.when(F.col("split") == "test", True).when(F.col("split") == "train", False)
+        ), "column"
+    ranked = images.select("image_id", "label").withColumn("_h", F.xxhash64(F.lit(tc.seed), F.col("image_id")))
+    by_class = Window.partitionBy("label")
+    ranked = ranked.withColumn("_rank", F.row_number().over(by_class.orderBy("_h", "image_id"))).withColumn(
+        "_n", F.count("*").over(by_class)
+    )
+    is_test = F.col("_rank") <= F.round(F.col("_n") * F.lit(tc.test_fraction))
+    return ranked.select("image_id", "label", F.lit(None).cast("string").alias("split"), is_test.alias("is_test")), "hash"
+
+
+def featurizer_for(model: str, weights_id: str, cfg: Config) -> Any:
+    """An ``ImageFeaturizer`` that reproduces the features of (model, weights_id) from image bytes."""
+    from imgfeat.featurize.transformer import ImageFeaturizer
+
+    if weights_id.startswith("none-seed"):
+        weights, seed, sha = "none", int(weights_id.removeprefix("none-seed")), ""
+    elif weights_id.startswith("imagenet:sha256:"):
+        weights, seed, sha = "imagenet", cfg.model.seed, weights_id.removeprefix("imagenet:sha256:")
+    elif weights_id.startswith("sha256:"):
+        weights, seed, sha = cfg.model.weights, cfg.model.seed, weights_id.removeprefix("sha256:")
+        if weights in ("imagenet", "none") or not os.path.isfile(os.path.expanduser(weights)):
+            raise ValueError(
+                f"the {model} features were extracted with a weights file ({weights_id}); pass the same file with "
+                "--set model.weights=/path/to/file.h5 so the logged model can featurize raw images"
+            )
+    else:
+        raise ValueError(f"unrecognised weights id {weights_id!r} for {model} in the features table")
+    p = cfg.preprocess
+    return ImageFeaturizer(
+        inputCol="content", outputCol=FEATURES_COL, modelName=model, weights=weights, weightsSha256=sha, seed=seed,
+        imageSize=p.image_size, batchSize=cfg.inference.batch_size, resizeMode=p.resize_mode, resample=p.resample,
+        highBitDepth=p.high_bit_depth, outputType="vector",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# fitting and evaluating
+
+
+def _fit(spark: SparkSession, head: str, train: DataFrame, cfg: Config, labels: list[str], input_dim: int,
+         class_weight: dict[int, float] | None) -> tuple[Any, dict[str, Any]]:
+    """Fit one head; returns (fitted Spark model, params to log)."""
+    from imgfeat.train.heads import build_head
+
+    tc = cfg.train
+    if head == "keras":
+        from imgfeat.train.keras_head import train_keras_head
+
+        return train_keras_head(spark, train, len(labels), input_dim, tc.keras, tc.seed, class_weight,
+                                FEATURES_COL, LABEL_COL, PREDICTION_COL)
+    spec = build_head(head, tc, len(labels), weighted=class_weight is not None)
+    params: dict[str, Any] = {"estimator": HEAD_NAMES[head], **spec.params}
+    if not (tc.cv_folds >= 2 or tc.validation_fraction > 0):
+        return spec.estimator.fit(train), params
+    from pyspark.ml.evaluation import MulticlassClassificationEvaluator
+    from pyspark.ml.tuning import CrossValidator, ParamGridBuilder, TrainValidationSplit
+
+    builder = ParamGridBuilder()
+    for name, values in spec.grid:
+        builder = builder.addGrid(spec.base.getParam(name), values)
+    grid = builder.build()
+    evaluator = MulticlassClassificationEvaluator(labelCol=LABEL_COL, predictionCol=PREDICTION_COL, metricName="f1")
+    if tc.cv_folds >= 2:
+        tuner: Any = CrossValidator(estimator=spec.estimator, estimatorParamMaps=grid, evaluator=evaluator,
+                                    numFolds=tc.cv_folds, seed=tc.seed)
+        params["tuning"] = f"CrossValidator(numFolds={tc.cv_folds})"
+    else:
+        tuner = TrainValidationSplit(estimator=spec.estimator, estimatorParamMaps=grid, evaluator=evaluator,
+                                     trainRatio=1 - tc.validation_fraction, seed=tc.seed)
+        params["tuning"] = f"TrainValidationSplit(trainRatio={1 - tc.validation_fraction:g})"
+    fitted = tuner.fit(train)
+    scores = fitted.avgMetrics if tc.cv_folds >= 2 else fitted.validationMetrics
+    best = grid[int(np.argmax(scores))]
+    for param, value in best.items():
+        params[param.name] = value
+    params["grid"] = json.dumps({name: values for name, values in spec.grid})
+    params["tuning_best_f1"] = round(float(max(scores)), 6)
+    return fitted.bestModel, params
+
+
+def _predictions(model: Any, test: DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, bool]:
+    """(true index, predicted index, class scores, scores are probabilities) for the test rows."""
+    from pyspark.ml.functions import vector_to_array
+    from pyspark.sql import functions as F
+
+    scored = model.transform(test)
+    cols = [F.col(LABEL_COL).alias("y"), F.col(PREDICTION_COL).alias("p")]
+    if "probability" in scored.columns:
+        cols.append(vector_to_array(F.col("probability")).alias("s"))
+        probabilistic = True
+    elif "rawPrediction" in scored.columns:
+        cols.append(vector_to_array(F.col("rawPrediction")).alias("s"))
+        probabilistic = False
+    else:
+        return np.array([]), np.array([]), None, False
+    pdf = scored.select(*cols).toPandas()
+    scores = np.stack(pdf["s"].to_numpy()) if len(pdf) else None
+    return pdf["y"].to_numpy(), pdf["p"].to_numpy(), scores, probabilistic
+
+
+def _log_child(child_metrics: dict[str, float], report: dict[str, Any], y: np.ndarray, proba: np.ndarray | None,
+               labels: list[str], title: str) -> None:
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    from imgfeat.train.metrics import plot_confusion_matrix, plot_roc
+
+    mlflow.log_metrics({k: v for k, v in child_metrics.items() if v == v})  # NaN (undefined) is not logged
+    mlflow.log_dict(report, "classification_report.json")
+    fig = plot_confusion_matrix(np.array(report["confusion_matrix"]), labels, title)
+    mlflow.log_figure(fig, "confusion_matrix.png")
+    plt.close(fig)
+    if proba is not None:
+        fig = plot_roc(y, proba, labels, title)
+        mlflow.log_figure(fig, "roc_curve.png")
+        plt.close(fig)
+
+
+def run_train(spark: SparkSession, cfg: Config) -> TrainResult:
+    """Fit every head on every backbone of ``train.features``; log to MLflow; return the runs."""
+    import mlflow
+    from pyspark import StorageLevel
+    from pyspark.ml import PipelineModel
+    from pyspark.ml.feature import IndexToString, StringIndexerModel
+    from pyspark.ml.functions import array_to_vector
+    from pyspark.sql import functions as F
+
+    from imgfeat.train.heads import check_heads
+    from imgfeat.train.metrics import classification_metrics, metric_key, scores_to_proba
+    from imgfeat.train.privacy import check_metadata
+    from imgfeat.train.tracking import model_signature, pip_requirements, tracking_uri, use_experiment
+
+    started = time.time()
+    tc = cfg.train
+    check_heads(tc.heads)
+    experiment_id = use_experiment(cfg)
+    table = read_features(spark, cfg)
+    dataset = tc.dataset or os.path.basename(tc.features.rstrip("/")) or tc.features
+
+    n_unlabelled = table.filter(F.col("label").isNull()).count()
+    if n_unlabelled:
+        log.warning("%d rows of %s have no label; they are not used for training or testing", n_unlabelled, tc.features)
+    labelled = table.filter(F.col("label").isNotNull())
+    labels = sorted(r["label"] for r in labelled.select("label").distinct().collect())
+    if len(labels) < 2:
+        raise ValueError(f"{tc.features!r} has {len(labels)} class(es) {labels}; training needs at least 2 labelled classes")
+    if tc.positive_class is not None and tc.positive_class not in labels:
+        raise ValueError(f"train.positive_class={tc.positive_class!r} is not a label of {tc.features!r}; labels: {labels}")
+
+    images = labelled.select("image_id", "label", *(["split"] if "split" in table.columns else [])).dropDuplicates(["image_id"])
+    split, split_mode = assign_split(images, cfg)
+    split = split.persist(StorageLevel.MEMORY_AND_DISK)
+    n_excluded_split = split.filter(F.col("is_test").isNull()).count()
+    split_counts = {(r["label"], r["is_test"]): r["n"] for r in split.groupBy("label", "is_test").agg(F.count("*").alias("n")).collect()}
+    train_counts = {lab: split_counts.get((lab, False), 0) for lab in labels}
+    test_counts = {lab: split_counts.get((lab, True), 0) for lab in labels}
+    if not sum(test_counts.values()) or not sum(train_counts.values()):
+        raise ValueError(f"the {split_mode} split left {sum(train_counts.values())} train and {sum(test_counts.values())} "
+                         "test images; check train.test_fraction or the split column")
+    indexer = StringIndexerModel.from_labels(labels, inputCol="label", outputCol=LABEL_COL)
+    n_total = sum(train_counts.values())
+    class_weight = ({i: n_total / (len(labels) * max(1, train_counts[lab])) for i, lab in enumerate(labels)}
+                    if tc.class_weighting else None)
+
+    backbones = [(r["model"], r["weights_id"]) for r in labelled.select("model", "weights_id").distinct().orderBy("model", "weights_id").collect()]
+    if tc.backbones:
+        unknown = set(tc.backbones) - {m for m, _ in backbones}
+        if unknown:
+            raise ValueError(f"train.backbones {sorted(unknown)} are not in {tc.features!r}; it has {sorted({m for m, _ in backbones})}")
+        backbones = [(m, w) for m, w in backbones if m in tc.backbones]
+    multi_weights = len({m for m, _ in backbones}) < len(backbones)
+
+    result = TrainResult(
+        parent_run_id="", experiment_id=experiment_id, experiment=cfg.mlflow.experiment, tracking_uri=tracking_uri(cfg),
+        features=tc.features, labels=labels, split_mode=split_mode, n_train=sum(train_counts.values()),
+        n_test=sum(test_counts.values()), excluded_unlabelled=n_unlabelled, excluded_split=n_excluded_split,
+    )
+    common_params = {
+        "features_table": tc.features, "dataset": dataset, "labels": json.dumps(labels), "split_mode": split_mode,
+        "split_seed": tc.seed, "test_fraction": tc.test_fraction if split_mode == "hash" else "split column",
+        "class_weighting": tc.class_weighting, "n_train": result.n_train, "n_test": result.n_test,
+        **{f"train_count_{metric_key(k)}": v for k, v in train_counts.items()},
+        **{f"test_count_{metric_key(k)}": v for k, v in test_counts.items()},
+    }
+    with mlflow.start_run(run_name=f"train {dataset}", tags={"dataset": dataset, "imgfeat.kind": "train"}) as parent:
+        result.parent_run_id = parent.info.run_id
+        parent_params = {**common_params, "heads": ",".join(tc.heads),
+                         "backbones": json.dumps([f"{m} ({w[:40]})" for m, w in backbones]),
+                         "excluded_unlabelled": n_unlabelled, "excluded_split": n_excluded_split}
+        check_metadata(parent_params, {"dataset": dataset})
+        mlflow.log_params(parent_params)
+        test_ids = split.filter(F.col("is_test")).select("image_id", "label").orderBy("image_id").toPandas()
+        with tempfile.TemporaryDirectory() as tmp:
+            test_ids.to_csv(os.path.join(tmp, "test_images.csv"), index=False)
+            mlflow.log_artifact(os.path.join(tmp, "test_images.csv"))
+
+        for model_name, weights_id in backbones:
+            backbone = f"{model_name}:{weights_id[:20]}" if multi_weights else model_name
+            rows = labelled.filter((F.col("model") == model_name) & (F.col("weights_id") == weights_id))
+            rows = rows.dropDuplicates(["image_id"]).select("image_id", "label", array_to_vector(F.col("features")).alias(FEATURES_COL))
+            rows = indexer.transform(rows).join(split.select("image_id", "is_test"), on="image_id", how="inner")
+            rows = rows.filter(F.col("is_test").isNotNull())
+            if class_weight:
+                weight = F.lit(1.0)
+                for i, w in class_weight.items():
+                    weight = F.when(F.col(LABEL_COL) == float(i), F.lit(float(w))).otherwise(weight)
+                rows = rows.withColumn(WEIGHT_COL, weight)
+            # Few partitions: every MLlib iteration is a Spark job over all of them (not 200 shuffle partitions).
+            rows = rows.repartition(max(1, spark.sparkContext.defaultParallelism)).persist(StorageLevel.MEMORY_AND_DISK)
+            train = rows.filter(~F.col("is_test"))
+            test = rows.filter(F.col("is_test"))
+            input_dim = len(rows.select(FEATURES_COL).first()[0])
+            featurizer = featurizer_for(model_name, weights_id, cfg)
+            converter = IndexToString(inputCol=PREDICTION_COL, outputCol="prediction", labels=labels)
+            for head in tc.heads:
+                t0 = time.time()
+                log.info("training %s on %s", head, backbone)
+                tags = {"backbone": model_name, "head": head, "dataset": dataset, "weights_id": weights_id}
+                with mlflow.start_run(run_name=f"{backbone} {head}", nested=True, tags=tags) as child:
+                    fitted, head_params = _fit(spark, head, train, cfg, labels, input_dim, class_weight)
+                    y, p, scores, probabilistic = _predictions(fitted, test)
+                    proba = None if scores is None else (scores if probabilistic else scores_to_proba(scores))
+                    metrics, report = classification_metrics(y, p, proba, labels)
+                    report["scores"] = "probability" if probabilistic else "softmax of raw margins (no probabilities)"
+                    child_params = {**common_params, "backbone": model_name, "weights_id": weights_id, "head": head,
+                                    "feature_dim": input_dim, **{f"head_{k}": v for k, v in head_params.items()}}
+                    check_metadata(child_params, tags)  # no image content or patient fields in run metadata
+                    mlflow.log_params(child_params)
+                    _log_child(metrics, report, y, proba, labels, f"{backbone} / {head} on {dataset}")
+                    pipeline = PipelineModel(stages=[featurizer, fitted, converter])
+                    mlflow.spark.log_model(pipeline, artifact_path="model", pip_requirements=pip_requirements(),
+                                           signature=model_signature())
+                    result.runs.append(ChildRun(model_name, weights_id, head, child.info.run_id, metrics,
+                                                head_params, round(time.time() - t0, 2)))
+            rows.unpersist()
+
+        best = _best(result.runs, tc.select_metric)
+        if best is not None:
+            result.best_run_id = best.run_id
+            mlflow.set_tag("best_run_id", best.run_id)
+            mlflow.log_metric(f"best_{tc.select_metric}", best.metrics.get(tc.select_metric, float("nan")))
+    split.unpersist()
+    if tc.register and result.best_run_id:
+        version = mlflow.register_model(f"runs:/{result.best_run_id}/model", tc.register)
+        result.registered = {"name": tc.register, "version": str(version.version), "uri": f"models:/{tc.register}/{version.version}"}
+    result.seconds = round(time.time() - started, 2)
+    return result
+
+
+def _best(runs: list[ChildRun], metric: str) -> ChildRun | None:
+    scored = [r for r in runs if r.metrics.get(metric) == r.metrics.get(metric) and metric in r.metrics]
+    if not scored:
+        return None
+    return max(scored, key=lambda r: (r.metrics[metric], r.metrics.get("test_accuracy", 0.0)))
