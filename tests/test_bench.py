@@ -10,18 +10,19 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_bench_runs_both_pipelines_on_the_same_images(samples, tmp_path):
+@pytest.mark.parametrize("model, engine", [("tiny", "keras"), ("tiny_torch", "torch")])
+def test_bench_runs_both_pipelines_on_the_same_images(samples, tmp_path, model, engine):
     out = tmp_path / "bench.json"
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable}
     result = subprocess.run(
         [sys.executable, "-m", "imgfeat.cli", "bench", "--input", os.path.join(samples.root, "PNEUMONIA"),
-         "--limit", "20", "--model", "tiny", "--batch-size", "8", "--master", "local[2]",
+         "--limit", "20", "--model", model, "--batch-size", "8", "--master", "local[2]",
          "--workdir", str(tmp_path / "w"), "--json", str(out)],
         capture_output=True, text=True, cwd=ROOT, env=env, timeout=900,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     data = json.loads(out.read_text())
-    assert data["images"] == 20 and data["model"] == "tiny"
+    assert data["images"] == 20 and data["model"] == model and data["engine"] == engine
     assert data["ours_images_per_s"] > 0 and data["baseline_images_per_s"] > 0
     assert data["ratio"] == pytest.approx(data["ours_images_per_s"] / data["baseline_images_per_s"], rel=0.01)
     assert data["ours_memory"]["jvm_mb"] > 0 and data["ours_memory"]["python_workers_mb"] > 0
@@ -29,4 +30,4 @@ def test_bench_runs_both_pipelines_on_the_same_images(samples, tmp_path):
     import numpy as np
 
     assert np.load(tmp_path / "w" / "baseline.npy").shape == (20, 16)
-    assert "ratio ours/baseline" in result.stdout
+    assert "ratio ours/baseline" in result.stdout and f"engine={engine}" in result.stdout

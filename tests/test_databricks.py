@@ -235,7 +235,7 @@ def test_task_parameters_are_widgets_and_accepted_by_the_cli_parser(task_key):
         assert args.command == command
         assert build_parser().parse_args(argv).command == command
     if command == "extract":
-        assert [c.model.name for c in (nb.parse_argv(a)[1] for a in argvs)] == ["resnet50", "inception_v3"]
+        assert [c.model.name for c in (nb.parse_argv(a)[1] for a in argvs)] == ["efficientnet_lite0", "resnet50", "inception_v3"]
         cfg = nb.parse_argv(argvs[0])[1]
         assert cfg.output.path == "main.imgfeat.features" and cfg.errors_path == "main.imgfeat.features_errors"
         assert cfg.output.format == "auto" and cfg.inference.batch_size == 128 and cfg.inference.device == "gpu"

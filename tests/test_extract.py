@@ -57,19 +57,19 @@ def test_every_file_ends_in_exactly_one_table(spark, samples, tmp_path):
 
 def test_features_equal_a_direct_model_call(spark, samples, tmp_path):
     from imgfeat.backbones.registry import get_backbone
-    from imgfeat.backbones.weights import resolve_weights
+    from imgfeat.engines import engine_of, resolve_weights
 
     cfg = tiny_config(samples.root, str(tmp_path / "feats"))
     run_extract(spark, cfg)
     feats = spark.read.parquet(cfg.output.path).toPandas()
     backbone = get_backbone("tiny")
-    model = backbone.build()
-    model.set_weights(resolve_weights(backbone, "none", 42).arrays)
+    engine = engine_of(backbone)
+    model = engine.build_model(backbone, resolve_weights(backbone, "none", 42))
     opts = DecodeOptions(size=backbone.input_size)
     for _, row in feats.head(8).iterrows():
         with open(_local(row["path"]), "rb") as fh:
             x = decode_image(fh.read(), opts).array[None]
-        expected = model.predict(backbone.preprocess(x), verbose=0)[0]
+        expected = engine.forward(model, engine.preprocess(backbone, x))[0]
         np.testing.assert_allclose(row["features"], expected, rtol=1e-4, atol=1e-5)
 
 
@@ -162,9 +162,10 @@ def test_missing_input_folder_is_named(spark, tmp_path):
 def test_weights_file_is_hashed_and_pinned(spark, samples, tmp_path):
     from imgfeat.backbones.registry import get_backbone
     from imgfeat.backbones.weights import WeightsError, sha256_file
+    from imgfeat.engines.keras import build_architecture
 
     path = str(tmp_path / "tiny.weights.h5")
-    model = get_backbone("tiny").build()
+    model = build_architecture(get_backbone("tiny"))
     model.save_weights(path)
     digest = sha256_file(path)
     cfg = tiny_config(samples.root, str(tmp_path / "feats"), f"model.weights={path}", f"model.weights_sha256={digest}")
@@ -179,8 +180,8 @@ def test_weights_file_is_hashed_and_pinned(spark, samples, tmp_path):
 @pytest.mark.parametrize("model_name, size", [("resnet50", 224), ("inception_v3", 299)])
 def test_real_backbones_end_to_end_match_keras(spark, tmp_path, model_name, size):
     from imgfeat.backbones.registry import get_backbone
-    from imgfeat.backbones.weights import resolve_weights
     from imgfeat.demo.samples import make_samples
+    from imgfeat.engines import engine_of, resolve_weights
 
     s = make_samples(str(tmp_path / "img"), per_class=2, with_bad=True)
     cfg = tiny_config(s.root, str(tmp_path / "feats"), f"model.name={model_name}")
@@ -188,11 +189,11 @@ def test_real_backbones_end_to_end_match_keras(spark, tmp_path, model_name, size
     assert (result.featurized, result.failed) == (4, len(s.bad))
     feats = spark.read.parquet(cfg.output.path).toPandas()
     backbone = get_backbone(model_name)
-    model = backbone.build()
-    model.set_weights(resolve_weights(backbone, "none", 42).arrays)
+    engine = engine_of(backbone)
+    model = engine.build_model(backbone, resolve_weights(backbone, "none", 42))
     opts = DecodeOptions(size=size)
     batch = np.stack([decode_image(open(_local(p), "rb").read(), opts).array for p in feats["path"]])
-    expected = model.predict(backbone.preprocess(batch), verbose=0)
+    expected = engine.forward(model, engine.preprocess(backbone, batch))
     got = np.stack(feats["features"].to_numpy())
     assert got.shape == (4, 2048)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))

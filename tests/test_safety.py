@@ -51,6 +51,11 @@ def test_library_never_deserializes_models_or_pickles():
             safe = keywords.get("safe_mode")
             if isinstance(safe, ast.Constant) and safe.value is False:
                 offenders.append(f"{path.name}: safe_mode=False")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func).endswith("torch.load"):
+                weights_only = {kw.arg: kw.value for kw in node.keywords}.get("weights_only")
+                if not (isinstance(weights_only, ast.Constant) and weights_only.value is True):
+                    offenders.append(f"{path.name}: torch.load without weights_only=True")
     assert offenders == []
 
 
@@ -58,7 +63,9 @@ def test_weights_file_is_loaded_as_weights_only(tmp_path, monkeypatch):
     import keras
 
     from imgfeat.backbones.registry import get_backbone
-    from imgfeat.backbones.weights import WeightsError, sha256_file, weights_source
+    from imgfeat.backbones.weights import WeightsError, sha256_file
+    from imgfeat.engines import resolve_weights
+    from imgfeat.engines.keras import build_architecture
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a model was deserialised")
@@ -67,8 +74,8 @@ def test_weights_file_is_loaded_as_weights_only(tmp_path, monkeypatch):
     monkeypatch.setattr(keras.saving, "load_model", forbidden)
     backbone = get_backbone("tiny")
     good = str(tmp_path / "tiny.weights.h5")
-    backbone.build().save_weights(good)
-    assert weights_source(backbone, good).weights_id == f"sha256:{sha256_file(good)}"
+    build_architecture(backbone).save_weights(good)
+    assert resolve_weights(backbone, good).weights_id == f"sha256:{sha256_file(good)}"
 
     # A full model file whose Lambda layer would write a marker if its code ever ran.
     marker = tmp_path / "code-ran"
@@ -79,7 +86,7 @@ def test_weights_file_is_loaded_as_weights_only(tmp_path, monkeypatch):
     hostile.save(hostile_path)
     marker.unlink(missing_ok=True)  # saving traces the lambda once
     with pytest.raises(WeightsError, match="could not load weights file"):
-        weights_source(backbone, hostile_path)
+        resolve_weights(backbone, hostile_path)
     assert not marker.exists()
 
 
@@ -87,9 +94,10 @@ def test_pinned_sha256_mismatch_stops_the_job_with_a_clear_error(spark, samples,
     from imgfeat.backbones.registry import get_backbone
     from imgfeat.backbones.weights import sha256_file
     from imgfeat.cli import main
+    from imgfeat.engines.keras import build_architecture
 
     weights = str(tmp_path / "tiny.weights.h5")
-    get_backbone("tiny").build().save_weights(weights)
+    build_architecture(get_backbone("tiny")).save_weights(weights)
     out = str(tmp_path / "feats")
     rc = main(["extract", "--input", samples.root, "--output", out, "--model", "tiny", "--weights", weights,
                "--weights-sha256", "ab" * 32, "--format", "parquet"])

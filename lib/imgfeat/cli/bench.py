@@ -1,4 +1,4 @@
-"""``imgfeat bench``: our extract job vs a plain Keras script on the same images."""
+"""``imgfeat bench``: our extract job vs a plain Keras or PyTorch script (the backbone's engine) on the same images."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 from imgfeat.config import Config
 
-HELP = "benchmark extract against a plain Keras script on the same images"
+HELP = "benchmark extract against a plain Keras / PyTorch script on the same images"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -14,8 +14,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", help="folder of images (one sub-folder per class)")
     p.add_argument("--output", help="features table: a path, or catalog.schema.table with Delta")
     p.add_argument("--errors", help="errors table (default: <output>_errors)")
-    p.add_argument("--model", help="backbone: resnet50, inception_v3, densenet121, vgg19, efficientnet_b0")
-    p.add_argument("--weights", help="imagenet | none | /path/to/weights.h5")
+    p.add_argument("--model", help="backbone: resnet50, inception_v3, densenet121, vgg19, efficientnet_b0 (keras); "
+                   "efficientnet_lite0, tv_resnet50, tv_densenet121 (torch)")
+    p.add_argument("--engine", choices=["auto", "keras", "torch"], help="inference engine (default auto: the backbone's own)")
+    p.add_argument("--weights", help="imagenet | none | /path/to/weights.h5 (keras) or .pth (torch)")
     p.add_argument("--weights-sha256", help="stop unless the weights file has this sha256")
     p.add_argument("--format", choices=["auto", "delta", "parquet"], help="table format (default auto)")
     p.add_argument("--mode", choices=["incremental", "overwrite"], help="incremental (default) or overwrite")
@@ -32,6 +34,7 @@ def overrides(a: argparse.Namespace) -> dict[str, Any]:
         "output.errors_path": a.errors,
         "model.name": a.model,
         "model.weights": a.weights,
+        "inference.engine": a.engine,
         "model.weights_sha256": a.weights_sha256,
         "output.format": a.format,
         "output.mode": a.mode,

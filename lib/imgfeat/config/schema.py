@@ -48,7 +48,8 @@ class InputConfig:
 @dataclass
 class ModelConfig:
     name: str = "resnet50"
-    # imagenet (Keras cache), none (seeded random init), or a path to a .h5/.weights.h5 file.
+    # imagenet (Keras cache, torch hub cache, or the package that ships them), none (seeded random init),
+    # or a path to a weights file (.h5/.weights.h5 for Keras backbones, a .pth state dict for torch ones).
     weights: str = "imagenet"
     # Optional pin: the job stops if the weights file's sha256 differs.
     weights_sha256: str | None = None
@@ -77,8 +78,11 @@ class PreprocessConfig:
 
 @dataclass
 class InferenceConfig:
+    # auto: the backbone's own engine (keras for resnet50 ..., torch for efficientnet_lite0, tv_*); keras | torch
+    # name it explicitly (a backbone of the other engine is refused with the choices).
+    engine: Literal["auto", "keras", "torch"] = "auto"
     batch_size: int = 32
-    # TensorFlow intra-op threads per Python worker; 0 = cores / task slots.
+    # Threads of the inference framework (TensorFlow or PyTorch) per Python worker; 0 = cores / task slots.
     tf_threads: int = 0
     device: Literal["auto", "cpu", "gpu"] = "auto"
     mixed_precision: bool = False

@@ -1,7 +1,10 @@
 """Generate labelled sample images (and broken files) for the demo and the tests.
 
 Images look vaguely like chest X-rays: two dark lung fields in a bright body. Class PNEUMONIA adds
-bright patchy opacities, so classes are learnable even from random-weight features.
+bright patchy opacities, so classes are learnable even from random-weight features. ``realistic=True``
+(the demo) varies anatomy, exposure, ribs and noise in both classes and draws the opacities' extent and
+density from wide ranges (some cases are faint; some normal lungs have vessel-like spots), so that the
+classes overlap the way real ones do and heads score differently.
 """
 
 from __future__ import annotations
@@ -23,6 +26,39 @@ BAD_FILES = {
     "unsupported.png": "unsupported_format",
     "bomb.png": "too_large",
 }
+
+
+def realistic_xray_array(rng: np.random.Generator, size: tuple[int, int], sick: bool) -> np.ndarray:
+    """A float image in 0..1 with patient-to-patient variation; pneumonia is a faint-to-dense consolidation."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    yy /= h
+    xx /= w
+    shift_x, shift_y = rng.normal(0, 0.03, 2)
+    body = np.exp(-(((xx - 0.5 - shift_x) / rng.uniform(0.38, 0.5)) ** 6))
+    img = (0.35 + 0.45 * body) * rng.uniform(0.8, 1.1) + 0.08 * rng.standard_normal() * (yy - 0.5)
+    lung_w, lung_h = rng.uniform(0.12, 0.18), rng.uniform(0.25, 0.34)
+    lungs = np.zeros_like(img)
+    for side in (-1, 1):
+        cx = 0.5 + side * rng.uniform(0.15, 0.2) + shift_x
+        lungs = np.maximum(lungs, (((xx - cx) / lung_w) ** 2 + ((yy - 0.5 - shift_y) / lung_h) ** 2 < 1.0).astype(np.float32))
+    darkness = rng.uniform(0.45, 0.65)
+    img = img * (1 - darkness * lungs)
+    ribs = 0.04 * rng.uniform(0.5, 1.5) * np.sin(2 * np.pi * (yy * rng.uniform(9, 13) + 0.3 * np.abs(xx - 0.5)))
+    img = img + ribs * lungs
+    # Vessel-like spots in every lung; pneumonia adds a consolidation of random extent and density.
+    for _ in range(rng.integers(2, 8)):
+        cx, cy, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.01, 0.03)
+        img = img + rng.uniform(0.05, 0.15) * np.exp(-(((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r))) * lungs
+    if sick:
+        density = rng.uniform(0.12, 0.5)
+        for _ in range(rng.integers(2, 5)):
+            cx = 0.5 + rng.choice([-1, 1]) * rng.uniform(0.1, 0.22) + shift_x
+            cy, r = rng.uniform(0.35, 0.75), rng.uniform(0.04, 0.12)
+            patch = np.exp(-(((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r)))
+            img = img + density * patch * (0.6 + 0.4 * rng.random((h, w))) * lungs
+    img = img + rng.uniform(0.02, 0.06) * rng.standard_normal((h, w))
+    return np.clip(img, 0.0, 1.0)
 
 
 def xray_array(rng: np.random.Generator, size: tuple[int, int], sick: bool) -> np.ndarray:
@@ -124,8 +160,10 @@ def make_samples(
     with_bad: bool = True,
     seed: int = 0,
     classes: tuple[str, ...] = CLASSES,
+    realistic: bool = False,
 ) -> SampleSet:
     """Write ``per_class`` images of mixed kinds per class under root/CLASS/, plus broken files."""
+    draw = realistic_xray_array if realistic else xray_array
     rng = np.random.default_rng(seed)
     count = 0
     for c, cls in enumerate(classes):
@@ -134,7 +172,7 @@ def make_samples(
         for i in range(per_class):
             kind = KINDS[(i + c) % len(KINDS)]
             size = sizes[i % len(sizes)]
-            data, ext = encode(xray_array(rng, size, sick=c % 2 == 1), kind)
+            data, ext = encode(draw(rng, size, sick=c % 2 == 1), kind)
             with open(os.path.join(folder, f"{cls.lower()}_{i:04d}_{kind}.{ext}"), "wb") as fh:
                 fh.write(data)
             count += 1

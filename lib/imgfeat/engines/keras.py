@@ -1,21 +1,17 @@
-"""Worker-side model runtime: TensorFlow set-up and one model per Python worker process.
-
-Spark reuses Python workers between tasks (spark.python.worker.reuse), so the model is built once
-per worker and kept in a module-level cache keyed by backbone and weights id.
-"""
+"""The Keras engine: keras.applications backbones on TensorFlow (Keras 3), frozen, global average pooling."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import tempfile
 from typing import Any
 
 import numpy as np
 
-from imgfeat.backbones.registry import get_backbone
-from imgfeat.backbones.weights import WeightsSource
+from imgfeat.backbones.registry import Backbone
+from imgfeat.backbones.weights import WeightsError, WeightsSource
+from imgfeat.engines.base import Engine, EngineOptions, Predictor
 
-_MODELS: dict[tuple[str, str, str, bool, int | None], Callable[[np.ndarray], np.ndarray]] = {}
 _TF_CONFIGURED = False
 
 
@@ -46,35 +42,91 @@ def configure_tensorflow(threads: int = 0, device: str = "auto") -> Any:
     return tf
 
 
-def get_predictor(
-    model_name: str,
-    source: WeightsSource,
-    file_bytes: Callable[[], bytes | None],
-    threads: int = 0,
-    device: str = "auto",
-    mixed_precision: bool = False,
-    input_size: int | None = None,
-) -> Callable[[np.ndarray], np.ndarray]:
-    """Return ``predict(batch_0_255) -> float32 features``, building the model once per process."""
-    key = (model_name, source.weights_id, device, mixed_precision, input_size)
-    if key in _MODELS:
-        return _MODELS[key]
-    tf = configure_tensorflow(threads, device)
+def _build_tiny(keras: Any, size: int, dim: int) -> Any:
+    """A very small CNN with the same interface, for fast tests (never for real features)."""
+    inputs = keras.Input((size, size, 3))
+    x = keras.layers.Conv2D(8, 3, activation="relu")(inputs)
+    x = keras.layers.Conv2D(dim, 3, strides=2, activation="relu")(x)
+    outputs = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, outputs, name="tiny")
+    model.trainable = False
+    return model
+
+
+def build_architecture(backbone: Backbone, input_size: int | None = None) -> Any:
+    """The frozen feature model with freshly initialised weights: include_top=False, global average pooling.
+
+    ``input_size`` may differ from the default: the weights do not depend on it.
+    """
     import keras
 
-    backbone = get_backbone(model_name)
-    if mixed_precision and tf.config.list_physical_devices("GPU"):
-        keras.mixed_precision.set_global_policy("mixed_float16")
     size = input_size or backbone.input_size
-    model = source.build(backbone, input_size=size, file_bytes=file_bytes())
+    if backbone.constructor == "tiny":
+        return _build_tiny(keras, size, backbone.feature_dim)
+    ctor = getattr(keras.applications, backbone.constructor)
+    model = ctor(include_top=False, weights=None, input_shape=(size, size, 3), pooling="avg")
+    model.trainable = False
+    return model
 
-    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)], reduce_retracing=True)
-    def _infer(x: Any) -> Any:
-        return tf.cast(model(x, training=False), tf.float32)
 
-    def predict(batch: np.ndarray) -> np.ndarray:
-        x = backbone.preprocess(np.ascontiguousarray(batch, dtype=np.float32))
-        return _infer(tf.convert_to_tensor(x, dtype=tf.float32)).numpy()
+class KerasEngine(Engine):
+    name = "keras"
+    weights_file_kind = "a Keras weights file (.weights.h5 or .h5)"
 
-    _MODELS[key] = predict
-    return predict
+    def build_model(self, backbone: Backbone, source: WeightsSource, file_bytes: bytes | None = None,
+                    input_size: int | None = None) -> Any:
+        import keras
+
+        if source.seed is not None:
+            keras.utils.set_random_seed(source.seed)
+            return build_architecture(backbone, input_size)
+        model = build_architecture(backbone, input_size)
+        path, tmp = source.path, None
+        if file_bytes is not None:
+            suffix = ".weights.h5" if str(source.path).endswith(".weights.h5") else ".h5"
+            fd, tmp = tempfile.mkstemp(prefix="imgfeat-weights-", suffix=suffix)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(file_bytes)
+            path = tmp
+        try:
+            model.load_weights(path)
+        except Exception as exc:
+            raise WeightsError(
+                f"could not load weights file {source.path} into {backbone.name}: {type(exc).__name__}: "
+                f"{str(exc)[:300]}. It must hold weights for {backbone.name} with include_top=False."
+            ) from None
+        finally:
+            if tmp:
+                os.remove(tmp)
+        return model
+
+    def preprocess(self, backbone: Backbone, batch: Any) -> Any:
+        """The backbone's own ``preprocess_input`` on a float32 (n, s, s, 3) batch in 0..255."""
+        if backbone.preprocess_module == "tiny":
+            return batch / 127.5 - 1.0
+        import keras
+
+        return getattr(keras.applications, backbone.preprocess_module).preprocess_input(batch)
+
+    def forward(self, model: Any, batch: np.ndarray) -> np.ndarray:
+        return np.asarray(model.predict(batch, verbose=0), dtype=np.float32)
+
+    def make_predictor(self, backbone: Backbone, source: WeightsSource, file_bytes: bytes | None,
+                       options: EngineOptions) -> Predictor:
+        tf = configure_tensorflow(options.threads, options.device)
+        import keras
+
+        if options.mixed_precision and tf.config.list_physical_devices("GPU"):
+            keras.mixed_precision.set_global_policy("mixed_float16")
+        size = options.input_size or backbone.input_size
+        model = self.build_model(backbone, source, file_bytes, input_size=size)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)], reduce_retracing=True)
+        def _infer(x: Any) -> Any:
+            return tf.cast(model(x, training=False), tf.float32)
+
+        def predict(batch: np.ndarray) -> np.ndarray:
+            x = self.preprocess(backbone, np.ascontiguousarray(batch, dtype=np.float32))
+            return _infer(tf.convert_to_tensor(x, dtype=tf.float32)).numpy()
+
+        return predict

@@ -9,7 +9,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from imgfeat.backbones.registry import get_backbone
+from imgfeat.backbones.registry import engine_for, get_backbone
 from imgfeat.backbones.weights import WeightsSource
 from imgfeat.config import Config
 from imgfeat.io.decoders import EMPTY_FILE, TOO_LARGE, UNREADABLE, DecodeOptions
@@ -94,7 +94,7 @@ def featurize_spec(spark: SparkSession, cfg: Config, source: WeightsSource) -> F
     from imgfeat.session import tf_threads_for
 
     return FeaturizeSpec(
-        model_name=cfg.model.name,
+        backbone=get_backbone(cfg.model.name),
         weights=source,
         decode=decode_options(cfg),
         batch_size=cfg.inference.batch_size,
@@ -221,7 +221,7 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
-    from imgfeat.backbones.weights import weights_source
+    from imgfeat.engines import resolve_weights
     from imgfeat.io.listing import broadcast_if_small, list_files, read_contents
     from imgfeat.store.tables import append_rows, drop_scratch, resolve_format
 
@@ -230,8 +230,9 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
     started = time.time()
     fmt = resolve_format(spark, cfg.output.format)
     backbone = get_backbone(cfg.model.name)
-    log.info("resolving %s weights=%s", backbone.name, cfg.model.weights)
-    resolved = weights_source(backbone, cfg.model.weights, cfg.model.seed, cfg.model.weights_sha256)
+    engine = engine_for(backbone, cfg.inference.engine)
+    log.info("resolving %s (%s engine) weights=%s", backbone.name, engine, cfg.model.weights)
+    resolved = resolve_weights(backbone, cfg.model.weights, cfg.model.seed, cfg.model.weights_sha256)
     run_id = uuid.uuid4().hex[:12]
 
     spec = featurize_spec(spark, cfg, resolved)

@@ -32,7 +32,7 @@ _RESOLVED: dict[tuple[str, str, int, str], WeightsSource] = {}
 class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReadable, DefaultParamsWritable):
     """Decode image bytes and run a frozen backbone; rows that fail get a null vector and an error."""
 
-    modelName = Param(Params._dummy(), "modelName", "backbone name, e.g. resnet50", TypeConverters.toString)
+    modelName = Param(Params._dummy(), "modelName", "backbone name, e.g. resnet50 (keras) or efficientnet_lite0 (torch)", TypeConverters.toString)
     weights = Param(Params._dummy(), "weights", "imagenet | none | path to weights file", TypeConverters.toString)
     weightsSha256 = Param(Params._dummy(), "weightsSha256", "required sha256 of the weights file ('' = no pin)", TypeConverters.toString)
     seed = Param(Params._dummy(), "seed", "seed for weights=none", TypeConverters.toInt)
@@ -43,7 +43,7 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
     highBitDepth = Param(Params._dummy(), "highBitDepth", "minmax | full_range", TypeConverters.toString)
     outputType = Param(Params._dummy(), "outputType", "vector (ML Vector) | array (array<float>)", TypeConverters.toString)
     errorCol = Param(Params._dummy(), "errorCol", "column for decode errors ('' = none)", TypeConverters.toString)
-    tfThreads = Param(Params._dummy(), "tfThreads", "TensorFlow threads per worker (0 = automatic)", TypeConverters.toInt)
+    tfThreads = Param(Params._dummy(), "tfThreads", "TensorFlow / PyTorch threads per worker (0 = automatic)", TypeConverters.toInt)
 
     @keyword_only
     def __init__(
@@ -78,11 +78,11 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
 
     def weights_source(self) -> WeightsSource:
         """The resolved weights (id, seed or file), cached on the driver."""
-        from imgfeat.backbones.weights import weights_source
+        from imgfeat.engines import resolve_weights
 
         key = (self.getOrDefault("modelName"), self.getOrDefault("weights"), self.getOrDefault("seed"), self.getOrDefault("weightsSha256"))
         if key not in _RESOLVED:
-            _RESOLVED[key] = weights_source(get_backbone(key[0]), key[1], key[2], key[3] or None)
+            _RESOLVED[key] = resolve_weights(get_backbone(key[0]), key[1], key[2], key[3] or None)
         return _RESOLVED[key]
 
     def _transform(self, dataset: DataFrame) -> DataFrame:
@@ -94,7 +94,7 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
         backbone = get_backbone(self.getOrDefault("modelName"))
         source = self.weights_source()
         spec = FeaturizeSpec(
-            model_name=backbone.name,
+            backbone=backbone,
             weights=source,
             decode=DecodeOptions(
                 size=self.getOrDefault("imageSize") or backbone.input_size,

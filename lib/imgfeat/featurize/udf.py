@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from imgfeat.backbones.registry import Backbone
 from imgfeat.backbones.weights import WeightsSource
 from imgfeat.io.decoders import DECODE_FAILED, DecodeError, DecodeOptions, decode_image
 
@@ -33,7 +34,7 @@ RESULT_FIELDS = ["features", "features_f16", "width", "height", "source_mode", "
 class FeaturizeSpec:
     """Everything a worker needs, small and picklable (the weights travel as a broadcast)."""
 
-    model_name: str
+    backbone: Backbone  # the registry entry itself, so backbones registered on the driver work on workers
     weights: WeightsSource
     decode: DecodeOptions
     batch_size: int = 32
@@ -42,6 +43,10 @@ class FeaturizeSpec:
     mixed_precision: bool = False
     decode_threads: int = 1
     float16_column: bool = False
+
+    @property
+    def model_name(self) -> str:
+        return self.backbone.name
 
 
 def _decode_one(data: Any, options: DecodeOptions) -> Any:
@@ -126,18 +131,14 @@ def _injected_fault() -> None:
 
 
 def _predictor(spec: FeaturizeSpec, weights_broadcast: Any) -> Callable[[np.ndarray], np.ndarray]:
-    """The worker's cached model for ``spec`` (built on first use in this process)."""
-    from imgfeat.engines.keras import get_predictor
+    """The worker's cached model for ``spec`` (built on first use in this process), from the backbone's engine."""
+    from imgfeat.engines import EngineOptions, engine_of
+    from imgfeat.engines.base import cached_predictor
 
-    return get_predictor(
-        spec.model_name,
-        spec.weights,
-        lambda: None if weights_broadcast is None else weights_broadcast.value,
-        threads=spec.tf_threads,
-        device=spec.device,
-        mixed_precision=spec.mixed_precision,
-        input_size=spec.decode.size,
-    )
+    options = EngineOptions(threads=spec.tf_threads, device=spec.device, mixed_precision=spec.mixed_precision,
+                            input_size=spec.decode.size)
+    return cached_predictor(engine_of(spec.backbone), spec.backbone, spec.weights,
+                            lambda: None if weights_broadcast is None else weights_broadcast.value, options)
 
 
 def featurize_udf(

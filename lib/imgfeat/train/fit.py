@@ -163,7 +163,7 @@ def featurizer_for(model: str, weights_id: str, cfg: Config) -> Any:
         if weights in ("imagenet", "none") or not os.path.isfile(os.path.expanduser(weights)):
             raise ValueError(
                 f"the {model} features were extracted with a weights file ({weights_id}); pass the same file with "
-                "--set model.weights=/path/to/file.h5 so the logged model can featurize raw images"
+                "--set model.weights=/path/to/the/file (.h5 or .pth) so the logged model can featurize raw images"
             )
     else:
         raise ValueError(f"unrecognised weights id {weights_id!r} for {model} in the features table")

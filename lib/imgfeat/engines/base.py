@@ -1,0 +1,70 @@
+"""The engine interface: what the featurizer, the Transformer, ``predict`` and the bench need of a framework.
+
+An engine builds a backbone with its weights (once per Python worker: Spark reuses workers, so models are
+kept in a per-process cache), prepares a batch the way the backbone's weights expect, and runs it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from imgfeat.backbones.registry import Backbone
+from imgfeat.backbones.weights import WeightsSource
+
+# predict(batch) -> float32 (n, feature_dim); batch: (n, size, size, 3) RGB in 0..255, float32 or uint8.
+Predictor = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    threads: int = 0  # framework intra-op threads in this process (0 = all cores)
+    device: str = "auto"  # auto | cpu | gpu
+    mixed_precision: bool = False  # keras: mixed_float16 on GPU; torch: bf16 autocast (CPU) / fp16 (GPU)
+    input_size: int | None = None  # None = the backbone's own
+
+
+class Engine(ABC):
+    """One framework. Subclasses live in ``imgfeat.engines.<name>`` and import their framework lazily."""
+
+    name: str = ""
+    # What a user's weights file for this engine looks like (for error messages).
+    weights_file_kind: str = ""
+
+    @abstractmethod
+    def build_model(self, backbone: Backbone, source: WeightsSource, file_bytes: bytes | None = None,
+                    input_size: int | None = None) -> Any:
+        """The frozen feature model with ``source``'s weights (``file_bytes``: the shipped file, on a worker)."""
+
+    @abstractmethod
+    def preprocess(self, backbone: Backbone, batch: np.ndarray) -> Any:
+        """The backbone's own input preparation of an RGB 0..255 batch (n, s, s, 3), as the model takes it."""
+
+    @abstractmethod
+    def forward(self, model: Any, batch: np.ndarray) -> np.ndarray:
+        """Run an already prepared batch through ``model`` once, without compilation or caching (tests, checks)."""
+
+    @abstractmethod
+    def make_predictor(self, backbone: Backbone, source: WeightsSource, file_bytes: bytes | None,
+                       options: EngineOptions) -> Predictor:
+        """Configure the framework for this process and return the batch predictor."""
+
+    def check_weights_file(self, backbone: Backbone, source: WeightsSource) -> None:
+        """Load a user's weights file into the architecture once on the driver: fail here, with the file named."""
+        self.build_model(backbone, source)
+
+
+_PREDICTORS: dict[tuple[str, str, EngineOptions], Predictor] = {}
+
+
+def cached_predictor(engine: Engine, backbone: Backbone, source: WeightsSource,
+                     file_bytes: Callable[[], bytes | None], options: EngineOptions) -> Predictor:
+    """The predictor for (backbone, weights, options), built on first use in this process and then reused."""
+    key = (backbone.name, source.weights_id, options)
+    if key not in _PREDICTORS:
+        _PREDICTORS[key] = engine.make_predictor(backbone, source, file_bytes(), options)
+    return _PREDICTORS[key]

@@ -1,0 +1,113 @@
+"""The PyTorch engine: architectures from ``imgfeat.engines.torch_models``, weights loaded as tensors only.
+
+Checkpoints are read with ``torch.load(..., weights_only=True)``: no pickled module or code is ever run.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+import numpy as np
+
+from imgfeat.backbones.registry import Backbone
+from imgfeat.backbones.weights import WeightsError, WeightsSource
+from imgfeat.engines.base import Engine, EngineOptions, Predictor
+
+_CONFIGURED = False
+
+
+def configure_torch(threads: int = 0) -> Any:
+    """Set torch's threads once per process (0 = all cores), so concurrent Spark tasks don't oversubscribe."""
+    global _CONFIGURED
+    import torch
+
+    if not _CONFIGURED:
+        torch.set_num_threads(threads or os.cpu_count() or 1)
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:
+            pass  # parallel work already ran in this process
+        _CONFIGURED = True
+    return torch
+
+
+def _device(torch: Any, requested: str) -> Any:
+    if requested == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if requested == "gpu":
+        raise RuntimeError("inference.device=gpu, but torch sees no CUDA device here (torch.cuda.is_available() is False)")
+    return torch.device("cpu")
+
+
+class TorchEngine(Engine):
+    name = "torch"
+    weights_file_kind = "a PyTorch state dict (.pth)"
+
+    def build_model(self, backbone: Backbone, source: WeightsSource, file_bytes: bytes | None = None,
+                    input_size: int | None = None) -> Any:
+        import torch
+
+        from imgfeat.engines import torch_models
+
+        size = input_size or backbone.input_size
+        if source.seed is not None:
+            torch.manual_seed(source.seed)
+            model = torch_models.build(backbone.constructor, size)
+        else:
+            model = torch_models.build(backbone.constructor, size)
+            data = file_bytes if file_bytes is not None else source.read_bytes()
+            try:
+                state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+                torch_models.load_weights(model, state)
+            except Exception as exc:
+                raise WeightsError(
+                    f"could not load weights file {source.path} into {backbone.name}: {type(exc).__name__}: "
+                    f"{str(exc)[:300]}. It must be a PyTorch state dict (torch.save(model.state_dict())) of the "
+                    f"{backbone.constructor} architecture; files that need code to unpickle are refused."
+                ) from None
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
+
+    def preprocess(self, backbone: Backbone, batch: Any) -> Any:
+        """(n, s, s, 3) RGB 0..255 -> (n, 3, s, s) float32 tensor, (x - mean) / std per channel."""
+        import torch
+
+        x = torch.as_tensor(np.ascontiguousarray(batch, dtype=np.float32)).permute(0, 3, 1, 2)
+        mean = torch.tensor(backbone.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(backbone.std, dtype=torch.float32).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def forward(self, model: Any, batch: Any) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return model(torch.as_tensor(batch)).float().numpy()
+
+    def make_predictor(self, backbone: Backbone, source: WeightsSource, file_bytes: bytes | None,
+                       options: EngineOptions) -> Predictor:
+        torch = configure_torch(options.threads)
+        device = _device(torch, options.device)
+        size = options.input_size or backbone.input_size
+        model = self.build_model(backbone, source, file_bytes, input_size=size).to(device)
+        mean = torch.tensor(backbone.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(backbone.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        autocast_dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+
+        def predict(batch: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                x = torch.as_tensor(np.ascontiguousarray(batch)).to(device).permute(0, 3, 1, 2).float()
+                x = (x - mean) / std
+                if options.mixed_precision:
+                    with torch.autocast(device.type, dtype=autocast_dtype):
+                        out = model(x)
+                else:
+                    out = model(x)
+                return out.float().cpu().numpy()
+
+        return predict

