@@ -27,19 +27,21 @@ def main(argv: list[str] | None = None) -> int:
     import tensorflow as tf
 
     from imgfeat.backbones.registry import get_backbone
+    from imgfeat.engines.keras import KerasEngine, build_architecture
 
     backbone = get_backbone(a.model)
     size = backbone.input_size
     with open(a.list, encoding="utf-8") as fh:
         files = [line.strip() for line in fh if line.strip()]
     tf.keras.utils.set_random_seed(42)
-    model = backbone.build(weights=None)
+    model = build_architecture(backbone)
+    engine = KerasEngine()
     t_model = time.perf_counter()
 
     def load(path: tf.Tensor) -> tf.Tensor:
         img = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
         img = tf.image.resize(img, (size, size))
-        return backbone.preprocess(img)
+        return engine.preprocess(backbone, img)
 
     ds = (
         tf.data.Dataset.from_tensor_slices(files)
