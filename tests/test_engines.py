@@ -187,3 +187,34 @@ def test_torch_featurizer_round_trips_through_a_saved_pipeline(spark, samples, t
     assert before.keys() == after.keys() and len(after) >= 6
     for p in after:
         np.testing.assert_allclose(after[p].toArray(), before[p].toArray(), rtol=1e-6)
+
+
+def test_keras_backbones_also_run_on_the_torch_backend_with_the_same_weights(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from imgfeat.engines import EngineOptions, get_predictor
+    from imgfeat.engines.keras import build_architecture
+
+    backbone = get_backbone("tiny")
+    path = str(tmp_path / "tiny.weights.h5")
+    build_architecture(backbone).save_weights(path)
+    batch = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
+    np.save(tmp_path / "batch.npy", batch)
+    source = resolve_weights(backbone, path)
+    on_tensorflow = get_predictor("tiny", source, source.read_bytes, EngineOptions(threads=1))(batch)
+    code = (
+        "import json, sys, numpy as np, keras\n"
+        "from imgfeat.engines import EngineOptions, get_predictor, resolve_weights\n"
+        "from imgfeat.backbones.registry import get_backbone\n"
+        f"s = resolve_weights(get_backbone('tiny'), {path!r})\n"
+        f"out = get_predictor('tiny', s, s.read_bytes, EngineOptions(threads=1))(np.load({str(tmp_path / 'batch.npy')!r}))\n"
+        "print(json.dumps({'backend': keras.backend.backend(), 'features': out.tolist()}))\n"
+    )
+    env = {**os.environ, "KERAS_BACKEND": "torch"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["backend"] == "torch"
+    np.testing.assert_allclose(np.array(result["features"]), on_tensorflow, rtol=1e-4, atol=1e-5)

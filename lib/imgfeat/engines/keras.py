@@ -1,4 +1,8 @@
-"""The Keras engine: keras.applications backbones on TensorFlow (Keras 3), frozen, global average pooling."""
+"""The Keras engine: keras.applications backbones (Keras 3), frozen, global average pooling.
+
+TensorFlow is the backend by default (a compiled ``tf.function`` per worker). Under ``KERAS_BACKEND=torch`` (or
+jax) the same backbones and weights files run through Keras' own call (docs/engines.md has what it measured).
+"""
 
 from __future__ import annotations
 
@@ -113,8 +117,11 @@ class KerasEngine(Engine):
 
     def make_predictor(self, backbone: Backbone, source: WeightsSource, file_bytes: bytes | None,
                        options: EngineOptions) -> Predictor:
-        tf = configure_tensorflow(options.threads, options.device)
         import keras
+
+        if keras.backend.backend() != "tensorflow":
+            return self._backend_predictor(keras, backbone, source, file_bytes, options)
+        tf = configure_tensorflow(options.threads, options.device)
 
         if options.mixed_precision and tf.config.list_physical_devices("GPU"):
             keras.mixed_precision.set_global_policy("mixed_float16")
@@ -128,5 +135,20 @@ class KerasEngine(Engine):
         def predict(batch: np.ndarray) -> np.ndarray:
             x = self.preprocess(backbone, np.ascontiguousarray(batch, dtype=np.float32))
             return _infer(tf.convert_to_tensor(x, dtype=tf.float32)).numpy()
+
+        return predict
+
+    def _backend_predictor(self, keras: Any, backbone: Backbone, source: WeightsSource, file_bytes: bytes | None,
+                           options: EngineOptions) -> Predictor:
+        """Keras on another backend (KERAS_BACKEND=torch): no tf.function, Keras' own call; threads set for torch."""
+        if keras.backend.backend() == "torch":
+            from imgfeat.engines.torch import configure_torch
+
+            configure_torch(options.threads)
+        model = self.build_model(backbone, source, file_bytes, input_size=options.input_size or backbone.input_size)
+
+        def predict(batch: np.ndarray) -> np.ndarray:
+            x = self.preprocess(backbone, np.ascontiguousarray(batch, dtype=np.float32))
+            return np.asarray(keras.ops.convert_to_numpy(model(x, training=False)), dtype=np.float32)
 
         return predict
