@@ -13,11 +13,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.parametrize("model, engine", [("tiny", "keras"), ("tiny_torch", "torch")])
 def test_bench_runs_both_pipelines_on_the_same_images(samples, tmp_path, model, engine):
     out = tmp_path / "bench.json"
+    config = tmp_path / "bench.yaml"
+    config.write_text("inference: {decode_threads: 2}\n")
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable}
     result = subprocess.run(
         [sys.executable, "-m", "imgfeat.cli", "bench", "--input", os.path.join(samples.root, "PNEUMONIA"),
          "--limit", "20", "--model", model, "--batch-size", "8", "--master", "local[2]",
-         "--workdir", str(tmp_path / "w"), "--json", str(out)],
+         "--workdir", str(tmp_path / "w"), "--json", str(out), "--set", "model.seed=7", "--config", str(config)],
         capture_output=True, text=True, cwd=ROOT, env=env, timeout=900,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -27,6 +29,10 @@ def test_bench_runs_both_pipelines_on_the_same_images(samples, tmp_path, model, 
     assert data["ratio"] == pytest.approx(data["ours_images_per_s"] / data["baseline_images_per_s"], rel=0.01)
     assert data["ours_memory"]["jvm_mb"] > 0 and data["ours_memory"]["python_workers_mb"] > 0
     assert {"list_and_plan", "decode_task_seconds", "inference_task_seconds"} <= set(data["stages"])
+    # --set and --config reach our extract job (they used to be accepted and ignored).
+    command = data["settings"]["ours_command"]
+    assert command[command.index("model.seed=7") - 1] == "--set"
+    assert command[command.index("--config") + 1] == str(config)
     import numpy as np
 
     assert np.load(tmp_path / "w" / "baseline.npy").shape == (20, 16)

@@ -32,7 +32,8 @@ def _direct(backbone_name: str, weights: str, paths: list[str]) -> np.ndarray:
 
 
 def test_torch_architectures_have_torchvisions_parameter_counts():
-    torch_models = pytest.importorskip("imgfeat.engines.torch_models")
+    from imgfeat.engines import torch_models
+
     # torchvision.models.resnet50() / densenet121(): 25,557,032 and 7,978,856 parameters (with the 1000-class head).
     assert sum(p.numel() for p in torch_models.build("resnet50", 224).parameters()) == 25_557_032
     assert sum(p.numel() for p in torch_models.build("densenet121", 224).parameters()) == 7_978_856

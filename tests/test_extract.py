@@ -143,6 +143,26 @@ def test_labels_from_manifest_and_stable_hash_split(spark, samples, tmp_path):
     assert dict(zip(feats["path"], feats["split"])) == dict(zip(again["path"], again["split"]))
 
 
+def test_a_manifest_alone_labels_the_images_and_unmatched_rows_and_files_are_counted(spark, samples, tmp_path):
+    manifest = tmp_path / "labels.csv"
+    names = sorted(n for n in os.listdir(os.path.join(samples.root, "PNEUMONIA")) if not n.startswith("."))
+    rows = "".join(f"PNEUMONIA/{n},sick\n" for n in names) + "PNEUMONIA/typo_missing.jpg,sick\nNOPE/x.png,ok\n"
+    manifest.write_text("path,label\n" + rows)
+    # --manifest without --label-mode: the manifest is used (it used to be ignored in favour of folder labels).
+    cfg = tiny_config(samples.root, str(tmp_path / "feats"), f"input.label.manifest={manifest}")
+    result = run_extract(spark, cfg)
+    feats, _ = _tables(spark, cfg)
+    assert (feats[feats["path"].str.contains("/PNEUMONIA/")]["label"] == "sick").all()
+    n_normal = sum(1 for n in os.listdir(os.path.join(samples.root, "NORMAL")) if not n.startswith("."))
+    assert result.manifest_unmatched == 2
+    assert result.unlabelled == n_normal  # every NORMAL file, broken ones included, has no manifest row
+    assert "2 rows of the label manifest match no listed image" in result.summary()
+    from imgfeat.config import ConfigError
+
+    with pytest.raises(ConfigError, match="input.label.manifest is given but input.label.mode=folder"):
+        tiny_config(samples.root, str(tmp_path / "f2"), f"input.label.manifest={manifest}", "input.label.mode=folder")
+
+
 def test_delta_without_delta_fails_clearly(spark, samples, tmp_path):
     cfg = tiny_config(samples.root, str(tmp_path / "feats"), "output.format=delta")
     with pytest.raises(StorageError, match="no Delta Lake.*--format parquet"):

@@ -135,6 +135,26 @@ def test_run_that_dies_between_the_two_tables_is_completed_without_a_path_in_bot
     assert len(feats) + len(errors) == first.listed and len(errors) == len(folder.bad) - 1
 
 
+def test_a_file_vanishing_between_the_two_table_writes_ends_in_exactly_one_table(spark, folder, tmp_path, monkeypatch):
+    """The errors table is derived from the rows already read, not from a second scan of the folder."""
+    cfg = tiny_config(folder.root, str(tmp_path / "feats"))
+    real_append = imgfeat.store.tables.append_rows
+    victim = sorted(glob.glob(os.path.join(folder.root, "NORMAL", "normal_*")))[0]
+
+    def delete_after_features_table(spark_, df, location, *args, **kwargs):
+        result = real_append(spark_, df, location, *args, **kwargs)
+        if location == cfg.output.path:
+            os.remove(victim)  # featurized and written; gone before the errors table is computed
+        return result
+
+    monkeypatch.setattr(imgfeat.store.tables, "append_rows", delete_after_features_table)
+    result = run_extract(spark, cfg)
+    feats, errors = _tables(spark, cfg)
+    assert "file:" + victim in set(feats["path"])
+    assert set(feats["path"]).isdisjoint(errors["path"])
+    assert len(feats) + len(errors) == result.listed == result.featurized + result.failed
+
+
 def test_parquet_swap_interrupted_midway_is_recovered(spark, folder, tmp_path):
     cfg = tiny_config(folder.root, str(tmp_path / "feats"))
     run_extract(spark, cfg)

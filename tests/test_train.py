@@ -71,8 +71,8 @@ def test_auc_handles_ties_like_scikit_learn():
 # heads on separable synthetic features
 
 
-def _separable_table(spark, path, per_class=60, dim=16, classes=("A", "B", "C"), models=("tiny",)):
-    """A features table like extract's: Gaussian clusters, one per class, for each model."""
+def _separable_table(spark, path, per_class=60, dim=16, classes=("A", "B", "C"), models=("tiny",), roots=("/x",)):
+    """A features table like extract's: Gaussian clusters, one per class, for each model (and input root)."""
     import hashlib
 
     rng = np.random.default_rng(7)
@@ -82,8 +82,10 @@ def _separable_table(spark, path, per_class=60, dim=16, classes=("A", "B", "C"),
         for c, label in enumerate(classes):
             for i in range(per_class):
                 image_id = hashlib.sha256(f"{label}/{i}".encode()).hexdigest()[:24]
-                vec = (centres[c] + rng.normal(0, 1.0, dim) + m).astype(float).tolist()
-                rows.append((image_id, f"file:/x/{label}/{i}.png", f"{label}/{i}.png", label, None, vec, model, "none-seed42"))
+                for root in roots:  # the same relative name under each root: the same image_id
+                    vec = (centres[c] + rng.normal(0, 1.0, dim) + m).astype(float).tolist()
+                    rows.append((image_id, f"file:{root}/{label}/{i}.png", f"{label}/{i}.png", label, None, vec, model,
+                                 "none-seed42"))
     schema = ("image_id string, path string, rel_path string, label string, split string, features array<float>, "
               "model string, weights_id string")
     spark.createDataFrame(rows, schema).write.mode("overwrite").parquet(path)
@@ -132,14 +134,16 @@ def test_runs_params_metrics_and_artifacts_are_in_the_store(trained_all_heads, s
     client = MlflowClient(store)
     parent = client.get_run(result.parent_run_id)
     assert parent.data.tags["imgfeat.kind"] == "train"
-    assert {a.path for a in client.list_artifacts(result.parent_run_id)} >= {"test_images.csv"}
+    # No secret configured: no per-image ids in the artifacts, only a digest of which images were held out.
+    assert "test_images.csv" not in {a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert len(parent.data.params["test_set_sha256"]) == 64
     children = client.search_runs([result.experiment_id], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
     assert len(children) == 6
     for child in children:
         tags, params, metrics = child.data.tags, child.data.params, child.data.metrics
         check_mlflow_run(child)  # no image content, no patient fields
         assert tags["backbone"] == "tiny" and tags["dataset"] == "features" and params["head"] == tags["head"]
-        for key in ("backbone", "weights_id", "head", "split_seed", "test_fraction", "train_count_A", "test_count_C", "features_table"):
+        for key in ("backbone", "weights_id", "head", "split_seed", "test_fraction", "train_count_A", "test_count_C", "features_table_sha256", "preprocess"):
             assert key in params, key
         for key in ("test_accuracy", "test_f1_macro", "test_f1_weighted", "test_kappa", "test_roc_auc",
                     "test_precision_A", "test_recall_B", "test_f1_C"):
@@ -158,13 +162,25 @@ def test_the_split_is_the_same_for_every_backbone_and_stratified(spark, tmp_path
     _separable_table(spark, table, per_class=25, classes=("N", "P"), models=("m1", "m2"))
     cfg = load_config(sets=[f"train.features={table}", "train.test_fraction=0.2"])
     df = read_features(spark, cfg)
-    images = df.select("image_id", "label", "split").dropDuplicates(["image_id"])
+    images = df.select("path", "image_id", "label", "split").dropDuplicates(["path"])
     split, mode = assign_split(images, cfg)
     assert mode == "hash"
     counts = {(r["label"], r["is_test"]): r["n"] for r in split.groupBy("label", "is_test").count().withColumnRenamed("count", "n").collect()}
     assert counts == {("N", True): 5, ("N", False): 20, ("P", True): 5, ("P", False): 20}
     again, _ = assign_split(images, cfg)
     assert sorted(r["image_id"] for r in split.filter("is_test").collect()) == sorted(r["image_id"] for r in again.filter("is_test").collect())
+
+
+def test_two_input_roots_with_the_same_relative_names_keep_every_image(spark, tmp_path, store):
+    from imgfeat.train.fit import run_train
+
+    table = str(tmp_path / "two_roots")
+    _separable_table(spark, table, per_class=10, classes=("N", "P"), roots=("/hospital_a", "/hospital_b"))
+    cfg = load_config(sets=[f"train.features={table}", "train.heads=[dt]", f"mlflow.tracking_uri={store}",
+                            "mlflow.experiment=two-roots", "train.test_fraction=0.2"])
+    result = run_train(spark, cfg)
+    assert result.n_train + result.n_test == 40  # 2 roots x 2 classes x 10: none collapse onto a shared image_id
+    assert result.n_test == 8
 
 
 def test_compare_prints_sorted_table_and_logs_it(trained_all_heads, store, capsys):
@@ -261,6 +277,59 @@ def test_logged_model_scores_raw_image_bytes_like_the_head_on_features(spark, sa
     assert direct == scored
 
 
+def test_the_logged_model_prepares_images_as_extract_did_not_as_train_is_configured(spark, samples, tmp_path, store):
+    """Train/serve skew: features extracted with resize_mode=pad; train runs with defaults (stretch)."""
+    import mlflow.spark
+    from pyspark.ml.functions import vector_to_array
+
+    from imgfeat.featurize.extract import run_extract
+    from imgfeat.featurize.settings import SettingsError
+    from imgfeat.train.fit import run_train
+
+    features = str(tmp_path / "padded")
+    run_extract(spark, tiny_config(samples.root, features, "preprocess.resize_mode=pad", "input.split.mode=hash",
+                                   "input.split.test_fraction=0.3", "preprocess.max_pixels=100000000"))
+    cfg = load_config(sets=[f"train.features={features}", "train.heads=[dt]", f"mlflow.tracking_uri={store}",
+                            "mlflow.experiment=skew"])
+    assert cfg.preprocess.resize_mode == "stretch"
+    result = run_train(spark, cfg)
+    mlflow.set_tracking_uri(store)
+    model = mlflow.spark.load_model(f"runs:/{result.runs[0].run_id}/model")
+    featurizer = model.stages[0]
+    decode = featurizer.decode_options()
+    assert (decode.resize_mode, decode.max_pixels) == ("pad", 100_000_000)
+    # Non-square images: pad and stretch give different inputs, so equal features prove the same preparation.
+    stored = {r["path"]: np.array(r["features"]) for r in spark.read.parquet(features).collect()}
+    raw = spark.read.format("binaryFile").load(list(stored)).select("path", "content")
+    again = {r["path"]: np.array(r["f"]) for r in featurizer.transform(raw).select("path", vector_to_array("features").alias("f")).collect()}
+    assert again.keys() == stored.keys()
+    for path, vec in stored.items():
+        np.testing.assert_allclose(again[path], vec, rtol=1e-5, atol=1e-6)
+    # Adding stretch rows for the same backbone to that table is refused, naming the difference.
+    with pytest.raises(SettingsError, match="preprocess.resize_mode: 'pad' -> 'stretch'"):
+        run_extract(spark, tiny_config(samples.root, features, "input.split.mode=hash", "preprocess.max_pixels=100000000"))
+
+
+def test_train_refuses_a_table_that_mixes_preprocessing_for_one_backbone(spark, samples, tmp_path, store):
+    from pyspark.sql import functions as F
+
+    from imgfeat.featurize.extract import run_extract
+    from imgfeat.featurize.settings import SettingsError
+    from imgfeat.train.fit import run_train
+
+    pad, stretch = str(tmp_path / "pad"), str(tmp_path / "stretch")
+    run_extract(spark, tiny_config(samples.root, pad, "preprocess.resize_mode=pad", "input.split.mode=hash"))
+    run_extract(spark, tiny_config(samples.root, stretch, "input.split.mode=hash"))
+    mixed = str(tmp_path / "mixed")
+    a = spark.read.parquet(pad).filter(F.col("path").contains("/NORMAL/"))
+    b = spark.read.parquet(stretch).filter(F.col("path").contains("/PNEUMONIA/"))
+    a.unionByName(b).write.parquet(mixed)
+    cfg = load_config(sets=[f"train.features={mixed}", "train.heads=[dt]", f"mlflow.tracking_uri={store}",
+                            "mlflow.experiment=mixed"])
+    with pytest.raises(SettingsError, match="2 different preprocessing settings"):
+        run_train(spark, cfg)
+
+
 def test_register_puts_the_best_model_in_the_registry(image_run, store):
     from mlflow.tracking import MlflowClient
 
@@ -287,6 +356,61 @@ def test_predict_writes_one_row_per_image_and_errors_and_is_incremental(spark, s
     assert dict(zip(errors["path"].str.replace("file:", ""), errors["error_class"])) == samples.bad
     second = run_predict(spark, cfg)
     assert (second.processed, second.already_done) == (0, samples.valid + len(samples.bad))
+
+
+def test_predict_keys_rows_by_the_model_a_uri_resolves_to(spark, samples, image_run, store):
+    """models:/NAME/latest re-scores after a new version; one model by two URIs is scored once."""
+    import mlflow
+
+    from imgfeat.serve.batch import run_predict
+
+    result, _, tmp = image_run
+    out = str(tmp / "preds_by_version")
+    latest = _predict_config("models:/imgfeat-test/latest", samples.root, out, store)
+    first = run_predict(spark, latest)
+    assert first.processed == samples.valid + len(samples.bad) and first.model_version == "1"
+    by_run = run_predict(spark, _predict_config(f"runs:/{result['best_run_id']}/model", samples.root, out, store))
+    assert by_run.processed == 0  # the same model: nothing to redo, no duplicate rows
+    other = next(r["run_id"] for r in result["runs"] if r["run_id"] != result["best_run_id"])
+    mlflow.set_tracking_uri(store)
+    assert mlflow.register_model(f"runs:/{other}/model", "imgfeat-test").version == 2
+    second = run_predict(spark, latest)
+    assert second.processed == samples.valid + len(samples.bad) and second.model_version == "2"
+    preds = spark.read.parquet(out).toPandas()
+    assert preds.groupby("model_version")["path"].nunique().to_dict() == {"1": samples.valid, "2": samples.valid}
+    assert set(preds["model_uri"]) == {"models:/imgfeat-test/latest"}  # the runs:/ call wrote nothing
+
+
+def test_a_model_trained_on_a_weights_file_predicts_where_that_file_is_not(spark, samples, tmp_path, store):
+    from imgfeat.backbones.registry import get_backbone
+    from imgfeat.backbones.weights import WeightsError
+    from imgfeat.engines.keras import build_architecture
+    from imgfeat.featurize.extract import run_extract
+    from imgfeat.serve.batch import run_predict
+    from imgfeat.train.fit import run_train
+
+    weights = tmp_path / "trained_here" / "tiny.weights.h5"
+    weights.parent.mkdir()
+    build_architecture(get_backbone("tiny")).save_weights(str(weights))
+    features = str(tmp_path / "features")
+    run_extract(spark, tiny_config(samples.root, features, f"model.weights={weights}", "input.split.mode=hash"))
+    result = run_train(spark, load_config(sets=[
+        f"train.features={features}", "train.heads=[dt]", f"mlflow.tracking_uri={store}", "mlflow.experiment=wfile",
+        f"model.weights={weights}"]))
+    moved = tmp_path / "elsewhere.weights.h5"
+    weights.rename(moved)  # "another machine": the recorded path does not exist
+    uri = f"runs:/{result.runs[0].run_id}/model"
+    logged = run_predict(spark, _predict_config(uri, samples.root, str(tmp_path / "p1"), store))
+    assert logged.predicted == samples.valid
+    cfg = _predict_config(uri, samples.root, str(tmp_path / "p2"), store)
+    cfg.predict.weights = str(moved)
+    assert run_predict(spark, cfg).predicted == samples.valid
+    assert _run_ids(spark, str(tmp_path / "p1")).keys() == _run_ids(spark, str(tmp_path / "p2")).keys()
+    other = tmp_path / "other.weights.h5"
+    build_architecture(get_backbone("tiny")).save_weights(str(other))  # another random init: another sha256
+    cfg.predict.weights, cfg.output.path = str(other), str(tmp_path / "p3")
+    with pytest.raises(WeightsError, match="pins"):
+        run_predict(spark, cfg)
 
 
 def test_predict_says_what_is_wrong_with_a_non_imgfeat_model_uri(spark, tmp_path, store):

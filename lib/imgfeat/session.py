@@ -41,9 +41,13 @@ def get_spark(cfg: Config) -> SparkSession:
         builder = builder.config("spark.driver.memory", cfg.spark.driver_memory)
     master = submitted.get("spark.master", None) or cfg.spark.master or "local[*]"
     local = master.startswith("local")
+    under_submit = "PYSPARK_GATEWAY_PORT" in os.environ
+    # Spark's web UI binds every interface unless SPARK_LOCAL_IP is set in the JVM's environment. Our own JVM
+    # (python / imgfeat / notebooks) starts below and inherits it; spark-submit's JVM started before this code
+    # ran, and the Python driver inherited its environment, so its absence here means the UI would listen on *.
+    ui_exposed = local and under_submit and not os.environ.get("SPARK_LOCAL_IP")
     if local:
-        # Spark's web UI binds every interface unless SPARK_LOCAL_IP is set (read at JVM launch): a local
-        # session serves 127.0.0.1 only, unless SPARK_LOCAL_IP says otherwise.
+        # A local session serves 127.0.0.1 only, unless SPARK_LOCAL_IP says otherwise.
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     if not submitted.contains("spark.pyspark.python") and not os.environ.get("PYSPARK_PYTHON"):
         # Workers must run the interpreter that has TensorFlow and imgfeat, not whatever python3 is on PATH.
@@ -66,6 +70,13 @@ def get_spark(cfg: Config) -> SparkSession:
     if "delta" in packages.lower() or os.environ.get("IMGFEAT_DELTA") == "1":
         settings["spark.sql.extensions"] = DELTA_EXTENSION
         settings["spark.sql.catalog.spark_catalog"] = DELTA_CATALOG
+    if ui_exposed and "spark.ui.enabled" not in cfg.spark.conf and not submitted.contains("spark.ui.enabled"):
+        # The driver's RPC and block manager still bind 127.0.0.1 (settings above); only the UI cannot.
+        settings["spark.ui.enabled"] = "false"
+        log.warning(
+            "local spark-submit without SPARK_LOCAL_IP: Spark's web UI would listen on every network interface, so it "
+            "is off. For the UI on 127.0.0.1 only, run: SPARK_LOCAL_IP=127.0.0.1 spark-submit ..."
+        )
     for key, value in {**settings, **cfg.spark.conf}.items():
         if not submitted.contains(key) or key in cfg.spark.conf:
             builder = builder.config(key, value)

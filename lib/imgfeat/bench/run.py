@@ -164,6 +164,7 @@ def run_bench(
     sets: list[str] | None = None,
     workdir: str | None = None,
     skip_baseline: bool = False,
+    configs: list[str] | None = None,
 ) -> BenchResult:
     """Run both pipelines on the same ``limit`` images and return the comparison."""
     from imgfeat.backbones.registry import get_backbone
@@ -179,6 +180,8 @@ def run_bench(
         "--format", "parquet", "--batch-size", str(batch_size), "--master", master,
         "--json", ours_json, "--set", "spark.conf={spark.ui.enabled: 'false'}",
     ]
+    for path in configs or []:
+        ours_cmd += ["--config", os.path.abspath(path)]
     for item in sets or []:
         ours_cmd += ["--set", item]
     ours_s, ours_mem, rc = _timed(ours_cmd, env, os.path.join(workdir, "ours.log"))
@@ -206,7 +209,8 @@ def run_bench(
         ours_seconds=round(ours_s, 2), baseline_seconds=round(base_s, 2),
         ours_images_per_s=round(ours_ips, 3), baseline_images_per_s=round(base_ips, 3),
         ratio=round(ours_ips / base_ips, 3), ours_memory=ours_mem, baseline_memory=base_mem,
-        stages=ours.get("stage_seconds", {}), settings={"batch_size": batch_size, "sets": sets or []},
+        stages=ours.get("stage_seconds", {}), settings={"batch_size": batch_size, "configs": configs or [], "sets": sets or [],
+                  "ours_command": ours_cmd[1:]},
     )
 
 

@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", help="where inputs, outputs and logs go (default: a temp folder)")
     p.add_argument("--skip-baseline", action="store_true", help="time only our job")
     p.add_argument("--extract-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="setting passed to our extract job (repeatable)")
+                   help="setting passed to our extract job (repeatable; --set and --config are passed too)")
 
 
 def overrides(a: argparse.Namespace) -> dict[str, Any]:
@@ -30,7 +30,7 @@ def run(a: argparse.Namespace, cfg: Config) -> dict[str, Any]:
 
     result = run_bench(
         a.input, model=a.model, limit=a.limit, master=a.master or "local[*]", batch_size=a.batch_size,
-        sets=a.extract_set, workdir=a.workdir, skip_baseline=a.skip_baseline,
+        sets=[*a.set, *a.extract_set], configs=a.config, workdir=a.workdir, skip_baseline=a.skip_baseline,
     )
     print(result.table(), flush=True)
     return to_json(result)

@@ -22,8 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["auto", "delta", "parquet"], help="table format (default auto)")
     p.add_argument("--mode", choices=["incremental", "overwrite"], help="incremental (default) or overwrite")
     p.add_argument("--batch-size", type=int, help="images per model call")
-    p.add_argument("--label-mode", choices=["folder", "manifest", "none"], help="where labels come from")
-    p.add_argument("--manifest", help="CSV with path,label (with --label-mode manifest)")
+    p.add_argument("--label-mode", choices=["auto", "folder", "manifest", "none"],
+                   help="where labels come from (default auto: the manifest if given, else the folder)")
+    p.add_argument("--manifest", help="CSV with path,label (implies --label-mode manifest)")
     p.add_argument("--split-mode", choices=["none", "hash", "folder"], help="train/test assignment")
 
 

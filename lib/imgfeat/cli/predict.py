@@ -18,7 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["auto", "delta", "parquet"], help="table format (default auto)")
     p.add_argument("--mode", choices=["incremental", "overwrite"], help="incremental (default) or overwrite")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
-    p.add_argument("--label-mode", choices=["folder", "manifest", "none"], help="known labels to keep beside predictions")
+    p.add_argument("--weights", help="local copy of the model's weights file (default: the logged copy)")
+    p.add_argument("--label-mode", choices=["auto", "folder", "manifest", "none"], help="known labels to keep beside predictions")
 
 
 def overrides(a: argparse.Namespace) -> dict[str, Any]:
@@ -31,6 +32,7 @@ def overrides(a: argparse.Namespace) -> dict[str, Any]:
         "output.mode": a.mode,
         "mlflow.tracking_uri": a.tracking_uri,
         "input.label.mode": a.label_mode,
+        "predict.weights": a.weights,
     }
 
 

@@ -113,6 +113,11 @@ def _validate(cfg: Config) -> None:
             cfg.input.label.mode != "manifest" or bool(cfg.input.label.manifest),
             "input.label.mode=manifest needs input.label.manifest (a CSV with path,label)",
         ),
+        (
+            cfg.input.label.mode not in ("folder", "none") or not cfg.input.label.manifest,
+            f"input.label.manifest is given but input.label.mode={cfg.input.label.mode} would ignore it; "
+            "drop --label-mode (a manifest implies manifest labels) or drop the manifest",
+        ),
     ]
     for ok, message in checks:
         if not ok:

@@ -16,11 +16,19 @@ class ConfigError(ValueError):
 
 @dataclass
 class LabelConfig:
-    mode: Literal["folder", "manifest", "none"] = "folder"
+    # auto: manifest when input.label.manifest is given, else folder; folder: a folder name; manifest: a CSV;
+    # none: no labels (scoring).
+    mode: Literal["auto", "folder", "manifest", "none"] = "auto"
     # 1 = the image's parent folder (root/CLASS/img.jpg), 2 = the folder above that, ...
     folder_level: int = 1
-    # CSV with header "path,label" (path absolute, or relative to input.path); for mode=manifest.
+    # CSV with header "path,label" (path absolute, or relative to input.path); implies mode=manifest.
     manifest: str | None = None
+
+    @property
+    def effective_mode(self) -> str:
+        if self.mode == "auto":
+            return "manifest" if self.manifest else "folder"
+        return self.mode
 
 
 @dataclass
@@ -194,6 +202,9 @@ class PredictConfig:
     model_uri: str | None = None
     # Also write one column per class with its probability.
     probability_columns: bool = True
+    # A local copy of the weights file the model was trained with (its sha256 must match). By default predict
+    # uses the file at the path recorded in the model, else the copy `train` logged with the run.
+    weights: str | None = None
 
 
 @dataclass
@@ -201,6 +212,14 @@ class MlflowConfig:
     # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory.
     tracking_uri: str | None = None
     experiment: str = "imgfeat"
+
+
+@dataclass
+class PrivacyConfig:
+    # Secret mixed (HMAC-SHA256) into the image ids that MLflow artifacts carry (the held-out images list), so
+    # that ids cannot be recovered by hashing guessed file names (which often hold patient numbers). Also read
+    # from $IMGFEAT_ID_SALT; never logged. Unset: no per-image ids are logged, only a digest of the test set.
+    id_salt: str | None = None
 
 
 @dataclass
@@ -214,6 +233,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

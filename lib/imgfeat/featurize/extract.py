@@ -42,8 +42,18 @@ class ExtractResult:
     # Wall seconds of listing/planning and of featurize+write; task-seconds summed over workers
     # spent decoding, in inference and building models.
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    # Listed images without a label (kept, with a null label: train leaves them out), and label-manifest rows
+    # that match no listed image (a typo, or files not there).
+    unlabelled: int = 0
+    manifest_unmatched: int = 0
 
     def summary(self) -> str:
+        warnings = ""
+        if self.unlabelled:
+            warnings += f"\n[imgfeat]   warning: {self.unlabelled} listed images have no label (train will leave them out)"
+        if self.manifest_unmatched:
+            warnings += (f"\n[imgfeat]   warning: {self.manifest_unmatched} rows of the label manifest match no listed "
+                         "image (check their paths against --input)")
         return (
             f"[imgfeat] extract {self.model} ({self.weights_id[:40]}): listed {self.listed} image files "
             f"({self.ignored_other_files} other files ignored); {self.already_done} already done; "
@@ -51,6 +61,7 @@ class ExtractResult:
             f"{f' ({self.replaced} changed files replaced)' if self.replaced else ''} in {self.seconds:.1f}s\n"
             f"[imgfeat]   features ({self.format}): {self.features_path}\n"
             f"[imgfeat]   errors   ({self.format}): {self.errors_path}"
+            f"{warnings}"
         )
 
     def to_dict(self) -> dict:
@@ -127,12 +138,16 @@ def _start_warmup(spark: SparkSession, spec: FeaturizeSpec, broadcast: Any) -> t
     return thread
 
 
-def unread_errors(todo: DataFrame, contents: DataFrame, max_file_bytes: int) -> DataFrame:
-    """The files of ``todo`` never read (empty, too large, or gone since listing), with error class and message."""
+def unread_errors(todo: DataFrame, read: DataFrame, max_file_bytes: int) -> DataFrame:
+    """The files of ``todo`` never read (empty, too large, or gone since listing), with error class and message.
+
+    ``read`` holds the paths that were read: pass the persisted featurized rows, never a new scan of the
+    folder, so that a file appearing or vanishing meanwhile ends in exactly one table.
+    """
     from pyspark.sql import functions as F
 
     return (
-        todo.join(contents.select("path"), on="path", how="left_anti")
+        todo.join(read.select("path"), on="path", how="left_anti")
         .withColumn(
             "error_class",
             F.when(F.col("file_length") == 0, F.lit(EMPTY_FILE))
@@ -173,6 +188,34 @@ def existing_keys(spark: SparkSession, cfg: Config, fmt: str, weights_id: str, m
     return keys.filter((F.col("model") == model) & (F.col("weights_id") == weights_id)).dropDuplicates(
         ["path", *FINGERPRINT]
     )
+
+
+def check_recorded_settings(spark: SparkSession, cfg: Config, fmt: str, model: str, weights_id: str, wanted: str) -> None:
+    """Refuse to add rows made with other preprocessing to a table that already holds ``model`` with ``weights_id``."""
+    from pyspark.sql import functions as F
+
+    from imgfeat.featurize.settings import COLUMN, SettingsError, describe_difference
+    from imgfeat.store.tables import read_table, table_exists
+
+    if cfg.output.mode == "overwrite":
+        return  # every row of this backbone and weights is recomputed
+    for location in (cfg.output.path, cfg.errors_path):
+        if not table_exists(spark, location, fmt):
+            continue
+        table = read_table(spark, location, fmt)
+        if COLUMN not in table.columns:
+            continue  # written before settings were recorded
+        recorded = [
+            r[COLUMN] for r in table.filter((F.col("model") == model) & (F.col("weights_id") == weights_id)
+                                            & F.col(COLUMN).isNotNull()).select(COLUMN).distinct().limit(5).collect()
+        ]
+        other = [r for r in recorded if r != wanted]
+        if other:
+            raise SettingsError(
+                f"{location} already holds {model} features (weights {weights_id[:40]}) made with other preprocessing "
+                f"({describe_difference(other[0], wanted)}); mixing them would give the model differently prepared "
+                "inputs. Extract into another --output, or pass --mode overwrite to recompute them all with these settings."
+            )
 
 
 def _done_keys(images: DataFrame, existing: DataFrame) -> DataFrame:
@@ -222,7 +265,8 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
     from pyspark.sql import functions as F
 
     from imgfeat.engines import resolve_weights
-    from imgfeat.io.listing import broadcast_if_small, list_files, read_contents
+    from imgfeat.featurize.settings import settings_json
+    from imgfeat.io.listing import broadcast_if_small, label_report, list_files, read_contents
     from imgfeat.store.tables import append_rows, drop_scratch, resolve_format
 
     if not cfg.output.path:
@@ -236,13 +280,20 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
     run_id = uuid.uuid4().hex[:12]
 
     spec = featurize_spec(spark, cfg, resolved)
+    settings = settings_json(backbone, engine, spec.decode)
+    check_recorded_settings(spark, cfg, fmt, backbone.name, resolved.weights_id, settings)
     broadcast = broadcast_weights(spark, resolved)
     warmup = _start_warmup(spark, spec, broadcast) if cfg.inference.warmup else None
+    existing = existing_keys(spark, cfg, fmt, resolved.weights_id)
     images, others = list_files(spark, cfg)
     images = images.persist(StorageLevel.MEMORY_AND_DISK)
     n_listed = images.count()
     n_other = others.count()
-    existing = existing_keys(spark, cfg, fmt, resolved.weights_id)
+    labels = label_report(spark, cfg, images)
+    for key, text in (("unlabelled", "listed images have no label"),
+                      ("manifest_unmatched", "label-manifest rows match no listed image")):
+        if labels[key]:
+            log.warning("%d %s", labels[key], text)
     scratch = f"todo-{run_id}"
     todo, n_todo, replace, n_replaced = plan_work(spark, images, existing, cfg.output.mode, cfg.output.path, scratch)
     meta = [
@@ -250,6 +301,7 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
         F.lit(resolved.weights_id).alias("weights_id"),
         F.lit(run_id).alias("run_id"),
         F.current_timestamp().alias("extracted_at"),
+        F.lit(settings).alias("preprocess"),
     ]
     featurized = failed = 0
     stages = {"list_and_plan": time.time() - started}
@@ -271,8 +323,9 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
             broadcast,
             accumulators,
         )
-        unread = unread_errors(todo, contents, cfg.input.max_file_bytes).persist(StorageLevel.MEMORY_AND_DISK)
+        # One scan: the rows read and featurized are persisted, and the unread files are todo minus those rows.
         rows = rows.persist(StorageLevel.MEMORY_AND_DISK)
+        unread = unread_errors(todo, rows, cfg.input.max_file_bytes).persist(StorageLevel.MEMORY_AND_DISK)
         write_started = time.time()
         feature_rows = rows.filter(F.col("error_class").isNull()).select(
             "image_id", "path", "rel_path", "label", "split",
@@ -314,6 +367,7 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
         weights_id=resolved.weights_id,
         seconds=time.time() - started,
         stage_seconds={k: round(v, 3) for k, v in stages.items()},
+        **labels,
     )
     if featurized + failed != n_todo:
         raise RuntimeError(

@@ -41,6 +41,9 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
     resizeMode = Param(Params._dummy(), "resizeMode", "stretch | pad | crop", TypeConverters.toString)
     resample = Param(Params._dummy(), "resample", "nearest | bilinear | bicubic | lanczos | box", TypeConverters.toString)
     highBitDepth = Param(Params._dummy(), "highBitDepth", "minmax | full_range", TypeConverters.toString)
+    maxPixels = Param(Params._dummy(), "maxPixels", "decompression-bomb guard: larger images are too_large", TypeConverters.toInt)
+    jpegDraft = Param(Params._dummy(), "jpegDraft", "decode large JPEGs at reduced size first", TypeConverters.toBoolean)
+    formats = Param(Params._dummy(), "formats", "image formats decoded, comma-separated", TypeConverters.toString)
     outputType = Param(Params._dummy(), "outputType", "vector (ML Vector) | array (array<float>)", TypeConverters.toString)
     errorCol = Param(Params._dummy(), "errorCol", "column for decode errors ('' = none)", TypeConverters.toString)
     tfThreads = Param(Params._dummy(), "tfThreads", "TensorFlow / PyTorch threads per worker (0 = automatic)", TypeConverters.toInt)
@@ -59,6 +62,9 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
         resizeMode: str = "stretch",
         resample: str = "bilinear",
         highBitDepth: str = "minmax",
+        maxPixels: int = DecodeOptions.max_pixels,
+        jpegDraft: bool = DecodeOptions.jpeg_draft,
+        formats: str = ",".join(DecodeOptions.formats),
         outputType: str = "vector",
         errorCol: str = "featurize_error",
         tfThreads: int = 0,
@@ -67,7 +73,8 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
         self._setDefault(
             inputCol="content", outputCol="features", modelName="resnet50", weights="imagenet",
             weightsSha256="", seed=42, imageSize=0, batchSize=32, resizeMode="stretch",
-            resample="bilinear", highBitDepth="minmax", outputType="vector",
+            resample="bilinear", highBitDepth="minmax", maxPixels=DecodeOptions.max_pixels,
+            jpegDraft=DecodeOptions.jpeg_draft, formats=",".join(DecodeOptions.formats), outputType="vector",
             errorCol="featurize_error", tfThreads=0,
         )
         self._set(**self._input_kwargs)
@@ -85,6 +92,26 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
             _RESOLVED[key] = resolve_weights(get_backbone(key[0]), key[1], key[2], key[3] or None)
         return _RESOLVED[key]
 
+    def decode_options(self) -> DecodeOptions:
+        """Every decode setting of this stage (the same object extract builds from its config)."""
+        get = self.getOrDefault
+        return DecodeOptions(
+            size=get("imageSize") or get_backbone(get("modelName")).input_size,
+            resize_mode=get("resizeMode"),
+            resample=get("resample"),
+            high_bit_depth=get("highBitDepth"),
+            max_pixels=get("maxPixels"),
+            jpeg_draft=get("jpegDraft"),
+            formats=tuple(f.strip().upper() for f in get("formats").split(",") if f.strip()),
+        )
+
+    @classmethod
+    def from_decode_options(cls, decode: DecodeOptions, **params: Any) -> ImageFeaturizer:
+        """A stage whose decoding is exactly ``decode`` (e.g. the settings recorded with a features table)."""
+        return cls(imageSize=decode.size, resizeMode=decode.resize_mode, resample=decode.resample,
+                   highBitDepth=decode.high_bit_depth, maxPixels=decode.max_pixels, jpegDraft=decode.jpeg_draft,
+                   formats=",".join(decode.formats), **params)
+
     def _transform(self, dataset: DataFrame) -> DataFrame:
         from pyspark.ml.functions import array_to_vector
 
@@ -96,12 +123,7 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
         spec = FeaturizeSpec(
             backbone=backbone,
             weights=source,
-            decode=DecodeOptions(
-                size=self.getOrDefault("imageSize") or backbone.input_size,
-                resize_mode=self.getOrDefault("resizeMode"),
-                resample=self.getOrDefault("resample"),
-                high_bit_depth=self.getOrDefault("highBitDepth"),
-            ),
+            decode=self.decode_options(),
             batch_size=self.getOrDefault("batchSize"),
             tf_threads=tf_threads_for(dataset.sparkSession, self.getOrDefault("tfThreads")),
         )

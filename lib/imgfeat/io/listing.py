@@ -122,15 +122,11 @@ def _folder_at(level: int):
     return F.when(F.size(parts) > level, F.element_at(parts, -1 - level)).otherwise(F.lit(None))
 
 
-def _with_label(spark: SparkSession, images: DataFrame, cfg: Config, root: str) -> DataFrame:
+def read_manifest(spark: SparkSession, cfg: Config, root: str) -> DataFrame:
+    """The label manifest as (rel_path, manifest_label), one row per relative path."""
     from pyspark.sql import functions as F
 
-    label_cfg = cfg.input.label
-    if label_cfg.mode == "none":
-        return images.withColumn("label", F.lit(None).cast("string"))
-    if label_cfg.mode == "folder":
-        return images.withColumn("label", _folder_at(label_cfg.folder_level))
-    manifest_path = label_cfg.manifest
+    manifest_path = cfg.input.label.manifest
     if not manifest_path:
         raise InputError("input.label.mode=manifest needs input.label.manifest")
     local = manifest_path.removeprefix("file:")
@@ -144,13 +140,39 @@ def _with_label(spark: SparkSession, images: DataFrame, cfg: Config, root: str) 
             f"missing: {', '.join(sorted(missing))}"
         )
     local_root = root.removeprefix("file:")
-    manifest = manifest.select(
+    return manifest.select(
         # absolute paths (with or without scheme) become relative to the input root
         F.regexp_replace(
             F.regexp_replace(F.col("path"), "^\\Q" + root + "/\\E", ""), "^\\Q" + local_root + "/\\E", ""
         ).alias("rel_path"),
         F.col("label").alias("manifest_label"),
     ).dropDuplicates(["rel_path"])
+
+
+def label_report(spark: SparkSession, cfg: Config, images: DataFrame) -> dict[str, int]:
+    """How labelling went: listed images without a label, and manifest rows that match no listed image."""
+    from pyspark.sql import functions as F
+
+    mode = cfg.input.label.effective_mode
+    if mode == "none":
+        return {"unlabelled": 0, "manifest_unmatched": 0}
+    report = {"unlabelled": images.filter(F.col("label").isNull()).count(), "manifest_unmatched": 0}
+    if mode == "manifest":
+        manifest = read_manifest(spark, cfg, qualify(spark, cfg.input.path))
+        report["manifest_unmatched"] = manifest.join(images.select("rel_path"), on="rel_path", how="left_anti").count()
+    return report
+
+
+def _with_label(spark: SparkSession, images: DataFrame, cfg: Config, root: str) -> DataFrame:
+    from pyspark.sql import functions as F
+
+    label_cfg = cfg.input.label
+    mode = label_cfg.effective_mode
+    if mode == "none":
+        return images.withColumn("label", F.lit(None).cast("string"))
+    if mode == "folder":
+        return images.withColumn("label", _folder_at(label_cfg.folder_level))
+    manifest = read_manifest(spark, cfg, root)
     return (
         images.join(manifest, on="rel_path", how="left")
         .withColumnRenamed("manifest_label", "label")

@@ -3,13 +3,14 @@
 Reuses extract's machinery: listing (``imgfeat.io.listing``), incremental planning, the featurizing UDF
 (so bad images get exactly extract's error classes), and ``imgfeat.store.tables.append_rows``. The
 model's first stage (``ImageFeaturizer``) featurizes; its remaining stages (head + label converter)
-score the images that decoded. Rows are keyed by (path, model = the model URI, weights_id).
+score the images that decoded. Rows are keyed by (path, model = what the model URI resolves to, weights_id).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class PredictResult:
     model_uri: str
+    model_key: str
+    model_version: str | None
     listed: int
     already_done: int
     processed: int  # = predicted + failed
@@ -44,12 +47,39 @@ class PredictResult:
 
     def summary(self) -> str:
         return (
-            f"[imgfeat] predict {self.model_uri}: listed {self.listed} image files; {self.already_done} already done; "
+            f"[imgfeat] predict {self.model_uri}"
+            f"{f' (version {self.model_version})' if self.model_version else ''} = {self.model_key}: listed {self.listed} image files; {self.already_done} already done; "
             f"processed {self.processed} = predicted {self.predicted} + failed {self.failed} in {self.seconds:.1f}s\n"
             f"[imgfeat]   predicted classes: {self.predicted_counts}\n"
             f"[imgfeat]   predictions ({self.format}): {self.predictions_path}\n"
             f"[imgfeat]   errors      ({self.format}): {self.errors_path}"
         )
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a model URI points to now: the predictions table is keyed by ``key``, not by the URI's text, so
+    ``models:/NAME/latest`` after a new version re-scores, and the same model by two URIs never writes twice."""
+
+    uri: str  # as the user gave it
+    key: str  # models:/<logged model id> (MLflow 3), else runs:/<run id>/<artifact path>, else the URI
+    run_id: str | None
+    version: str | None  # the registry version for models:/NAME/... URIs
+
+
+def resolve_model(uri: str) -> ModelRef:
+    import mlflow
+    from mlflow.models import get_model_info
+
+    info = get_model_info(uri)
+    model_id = getattr(info, "model_id", None)
+    key = f"models:/{model_id}" if model_id else (f"runs:/{info.run_id}/{info.artifact_path}" if info.run_id else uri)
+    version = None
+    if uri.startswith("models:/") and not uri.startswith("models:/m-"):
+        from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+        version = str(get_model_name_and_version(mlflow.MlflowClient(), uri)[1])
+    return ModelRef(uri=uri, key=key, run_id=info.run_id, version=version)
 
 
 def load_scoring_model(cfg: Config) -> tuple[Any, Any, list[str]]:
@@ -71,18 +101,58 @@ def load_scoring_model(cfg: Config) -> tuple[Any, Any, list[str]]:
         raise ValueError(f"{uri} is not an imgfeat model (its first stage is not an ImageFeaturizer); use a model logged by `imgfeat train`")
     converters = [s for s in stages if isinstance(s, IndexToString)]
     labels = list(converters[-1].getLabels()) if converters else []
+    _locate_weights(stages[0], cfg, uri)
     return stages[0], PipelineModel(stages=stages[1:]), labels
+
+
+def _locate_weights(featurizer: Any, cfg: Config, uri: str) -> None:
+    """Point a featurizer trained on a weights file at a local copy: ``predict.weights``, else the recorded path
+    when it exists here, else the copy ``train`` logged with the runs. The recorded sha256 pin always applies."""
+    weights = featurizer.getOrDefault("weights")
+    if weights.lower() in ("imagenet", "none"):
+        return
+    if cfg.predict.weights:
+        featurizer.set(featurizer.weights, os.path.abspath(os.path.expanduser(cfg.predict.weights)))
+        return
+    if os.path.isfile(weights):
+        return
+    import mlflow
+
+    sha = featurizer.getOrDefault("weightsSha256")
+    ref = resolve_model(uri)
+    client = mlflow.MlflowClient()
+    run_ids = [ref.run_id] if ref.run_id else []
+    if ref.run_id:
+        parent = client.get_run(ref.run_id).data.tags.get("mlflow.parentRunId")
+        run_ids += [parent] if parent else []
+    for run_id in run_ids:
+        try:
+            folder = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"weights/{sha[:16]}")
+        except Exception:  # not logged with this run
+            continue
+        files = [os.path.join(folder, f) for f in sorted(os.listdir(folder))]
+        if files:
+            log.info("using the weights file logged with run %s: %s", run_id, files[0])
+            featurizer.set(featurizer.weights, files[0])
+            return
+    raise FileNotFoundError(
+        f"the model {uri} was trained on the weights file {weights} (sha256 {sha}), which is not on this machine and "
+        "was not logged with its runs; pass a copy with --weights FILE (or --set predict.weights=FILE)"
+    )
 
 
 def _featurize_config(cfg: Config, featurizer: Any) -> Config:
     """The extract settings equivalent to the model's featurizer (so decoding and errors are identical)."""
     fcfg = copy.deepcopy(cfg)
-    get = featurizer.getOrDefault
-    fcfg.model.name = get("modelName")
-    fcfg.preprocess.image_size = get("imageSize")
-    fcfg.preprocess.resize_mode = get("resizeMode")
-    fcfg.preprocess.resample = get("resample")
-    fcfg.preprocess.high_bit_depth = get("highBitDepth")
+    decode = featurizer.decode_options()
+    fcfg.model.name = featurizer.getOrDefault("modelName")
+    fcfg.preprocess.image_size = decode.size
+    fcfg.preprocess.resize_mode = decode.resize_mode
+    fcfg.preprocess.resample = decode.resample
+    fcfg.preprocess.high_bit_depth = decode.high_bit_depth
+    fcfg.preprocess.max_pixels = decode.max_pixels
+    fcfg.preprocess.jpeg_draft = decode.jpeg_draft
+    fcfg.preprocess.formats = list(decode.formats)
     fcfg.output.float16_column = False
     return fcfg
 
@@ -115,7 +185,8 @@ def run_predict(spark: SparkSession, cfg: Config) -> PredictResult:
         raise ValueError("no output location: pass --output PATH (or set output.path) for the predictions table")
     started = time.time()
     featurizer, head, labels = load_scoring_model(cfg)
-    uri = cfg.predict.model_uri or ""
+    ref = resolve_model(cfg.predict.model_uri or "")
+    uri = ref.key  # rows are keyed by what the URI resolves to now
     source = featurizer.weights_source()
     weights_id = source.weights_id
     fcfg = _featurize_config(cfg, featurizer)
@@ -130,7 +201,9 @@ def run_predict(spark: SparkSession, cfg: Config) -> PredictResult:
     existing = existing_keys(spark, cfg, fmt, weights_id, model=uri)
     scratch = f"todo-{run_id}"
     todo, n_todo, replace, n_replaced = plan_work(spark, images, existing, cfg.output.mode, cfg.output.path, scratch)
-    meta = [F.lit(uri).alias("model"), F.lit(weights_id).alias("weights_id"), F.lit(run_id).alias("run_id"),
+    meta = [F.lit(uri).alias("model"), F.lit(ref.uri).alias("model_uri"),
+            F.lit(ref.version).cast("string").alias("model_version"), F.lit(ref.run_id).alias("model_run_id"),
+            F.lit(weights_id).alias("weights_id"), F.lit(run_id).alias("run_id"),
             F.current_timestamp().alias("predicted_at")]
     fingerprint = ["file_length", "file_modification_time"]
     predicted = failed = 0
@@ -157,7 +230,7 @@ def run_predict(spark: SparkSession, cfg: Config) -> PredictResult:
         prediction_rows = scored.select(
             "image_id", "path", "rel_path", "label", "prediction", "probability", *prob_cols, *meta, *fingerprint
         )
-        unread = unread_errors(todo, contents, cfg.input.max_file_bytes)
+        unread = unread_errors(todo, rows, cfg.input.max_file_bytes)  # the persisted rows: no second scan
         error_cols = ["image_id", "path", "rel_path", "label", "split", "error_class", "error_message", *fingerprint]
         error_rows = (
             rows.filter(F.col("error_class").isNotNull()).select(*error_cols)
@@ -180,7 +253,7 @@ def run_predict(spark: SparkSession, cfg: Config) -> PredictResult:
     if predicted + failed != n_todo:
         raise RuntimeError(f"accounting mismatch: {n_todo} files to process but {predicted} predicted + {failed} failed")
     return PredictResult(
-        model_uri=uri, listed=n_listed, already_done=n_listed - n_todo, processed=n_todo, predicted=predicted,
+        model_uri=ref.uri, model_key=ref.key, model_version=ref.version, listed=n_listed, already_done=n_listed - n_todo, processed=n_todo, predicted=predicted,
         failed=failed, replaced=n_replaced, predictions_path=cfg.output.path, errors_path=cfg.errors_path or "",
         format=fmt, labels=labels, predicted_counts=counts, seconds=round(time.time() - started, 2),
     )

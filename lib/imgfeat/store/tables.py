@@ -85,11 +85,14 @@ def table_exists(spark: SparkSession, location: str, fmt: str) -> bool:
 def read_table(spark: SparkSession, location: str, fmt: str) -> DataFrame:
     if is_table_name(location):
         return spark.table(location)
-    return spark.read.format(fmt).load(location)
+    # Tables written by older versions lack newer columns (e.g. preprocess): read the union of the schemas.
+    return spark.read.format(fmt).option("mergeSchema", "true").load(location)
 
 
 def _write(df: DataFrame, location: str, fmt: str, mode: str) -> None:
     writer = df.write.format(fmt).mode(mode)
+    if fmt == "delta" and mode == "append":
+        writer = writer.option("mergeSchema", "true")  # a newer version may add columns
     if is_table_name(location):
         writer.saveAsTable(location)
     else:

@@ -112,6 +112,9 @@ def run_compare(cfg: Config, parent_run_id: str | None = None) -> pd.DataFrame:
         raise ValueError(f"positive class {positive!r} is not one of the trained labels {labels}; pass --positive-class")
     table = comparison_table(children, positive, cfg.train.select_metric)
     dataset = parent.data.tags.get("dataset", "")
+    from imgfeat.train.privacy import check_artifact_table
+
+    check_artifact_table(table, "comparison.csv")
     with tempfile.TemporaryDirectory() as tmp:
         md = os.path.join(tmp, "comparison.md")
         with open(md, "w", encoding="utf-8") as fh:

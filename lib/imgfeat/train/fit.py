@@ -9,6 +9,8 @@ head + label converter that scores raw image bytes.
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import logging
 import os
@@ -119,7 +121,10 @@ def read_features(spark: SparkSession, cfg: Config) -> DataFrame:
 
 
 def assign_split(images: DataFrame, cfg: Config) -> tuple[DataFrame, str]:
-    """image_id, label -> image_id, is_test, by train.split_mode; returns (frame, mode used).
+    """path, image_id, label -> path, image_id, label, split, is_test by train.split_mode; returns (frame, mode used).
+
+    Keyed by ``path``: image ids are relative-path hashes, so two input folders may share one (root_a/NORMAL/1.png
+    and root_b/NORMAL/1.png); both images stay (the hash split gives them the same side).
 
     ``hash``: within each class, images are ordered by a seeded hash of their id and the first
     round(test_fraction x class size) are the test set: exactly stratified, independent of backbone.
@@ -138,20 +143,49 @@ def assign_split(images: DataFrame, cfg: Config) -> tuple[DataFrame, str]:
             "extract with --split-mode folder/hash, or use train.split_mode=hash"
         )
     if mode in ("auto", "column") and {"train", "test"} <= values:
-        return images.select("image_id", "label", "split").withColumn(
+        return images.select("path", "image_id", "label", "split").withColumn(
             "is_test", F.when(F.col("split") == "test", True).when(F.col("split") == "train", False)
         ), "column"
-    ranked = images.select("image_id", "label").withColumn("_h", F.xxhash64(F.lit(tc.seed), F.col("image_id")))
+    ranked = images.select("path", "image_id", "label").withColumn("_h", F.xxhash64(F.lit(tc.seed), F.col("image_id")))
     by_class = Window.partitionBy("label")
-    ranked = ranked.withColumn("_rank", F.row_number().over(by_class.orderBy("_h", "image_id"))).withColumn(
+    ranked = ranked.withColumn("_rank", F.row_number().over(by_class.orderBy("_h", "image_id", "path"))).withColumn(
         "_n", F.count("*").over(by_class)
     )
     is_test = F.col("_rank") <= F.round(F.col("_n") * F.lit(tc.test_fraction))
-    return ranked.select("image_id", "label", F.lit(None).cast("string").alias("split"), is_test.alias("is_test")), "hash"
+    return ranked.select("path", "image_id", "label", F.lit(None).cast("string").alias("split"),
+                         is_test.alias("is_test")), "hash"
 
 
-def featurizer_for(model: str, weights_id: str, cfg: Config) -> Any:
-    """An ``ImageFeaturizer`` that reproduces the features of (model, weights_id) from image bytes."""
+def recorded_settings(rows: DataFrame, model: str, weights_id: str, location: str) -> str | None:
+    """The one preprocessing the table recorded for (model, weights_id); refuses a table that mixes several.
+
+    None when the rows predate recorded settings (then train's own ``preprocess`` settings apply, with a warning).
+    """
+
+    from imgfeat.featurize.settings import COLUMN, SettingsError, describe_difference
+
+    if COLUMN not in rows.columns:
+        return None
+    values = sorted({r[COLUMN] for r in rows.select(COLUMN).distinct().limit(10).collect()}, key=lambda v: v or "")
+    known = [v for v in values if v is not None]
+    if len(known) > 1:
+        raise SettingsError(
+            f"{location} holds {model} features (weights {weights_id[:40]}) made with {len(known)} different "
+            f"preprocessing settings ({describe_difference(known[0], known[1])}); no single model can reproduce them. "
+            "Re-extract them with one setting (--mode overwrite) or into separate tables."
+        )
+    if known and None in values:
+        log.warning("some %s rows of %s predate recorded preprocessing settings; using the recorded ones", model, location)
+    return known[0] if known else None
+
+
+def featurizer_for(model: str, weights_id: str, cfg: Config, settings: str | None = None) -> Any:
+    """An ``ImageFeaturizer`` that reproduces the features of (model, weights_id) from image bytes.
+
+    ``settings``: the preprocessing recorded with the features (``imgfeat.featurize.settings``); it, not this
+    run's ``preprocess`` settings, decides how the logged model prepares images.
+    """
+    from imgfeat.featurize.settings import decode_from_settings
     from imgfeat.featurize.transformer import ImageFeaturizer
 
     if weights_id.startswith("none-seed"):
@@ -167,11 +201,19 @@ def featurizer_for(model: str, weights_id: str, cfg: Config) -> Any:
             )
     else:
         raise ValueError(f"unrecognised weights id {weights_id!r} for {model} in the features table")
-    p = cfg.preprocess
-    return ImageFeaturizer(
-        inputCol="content", outputCol=FEATURES_COL, modelName=model, weights=weights, weightsSha256=sha, seed=seed,
-        imageSize=p.image_size, batchSize=cfg.inference.batch_size, resizeMode=p.resize_mode, resample=p.resample,
-        highBitDepth=p.high_bit_depth, outputType="vector",
+    if settings is not None:
+        decode = decode_from_settings(settings)
+    else:
+        from imgfeat.featurize.extract import decode_options
+
+        log.warning("the %s features do not record their preprocessing (an older table): the logged model uses this "
+                    "run's preprocess settings; they must be the ones extract used", model)
+        with_model = copy.deepcopy(cfg)
+        with_model.model.name = model
+        decode = decode_options(with_model)
+    return ImageFeaturizer.from_decode_options(
+        decode, inputCol="content", outputCol=FEATURES_COL, modelName=model, weights=weights, weightsSha256=sha,
+        seed=seed, batchSize=cfg.inference.batch_size, outputType="vector",
     )
 
 
@@ -269,7 +311,7 @@ def run_train(spark: SparkSession, cfg: Config) -> TrainResult:
 
     from imgfeat.train.heads import check_heads
     from imgfeat.train.metrics import classification_metrics, metric_key, scores_to_proba
-    from imgfeat.train.privacy import check_metadata
+    from imgfeat.train.privacy import artifact_ids, check_artifact_table, check_metadata, id_salt, set_digest
     from imgfeat.train.tracking import model_signature, pip_requirements, tracking_uri, use_experiment
 
     started = time.time()
@@ -289,7 +331,7 @@ def run_train(spark: SparkSession, cfg: Config) -> TrainResult:
     if tc.positive_class is not None and tc.positive_class not in labels:
         raise ValueError(f"train.positive_class={tc.positive_class!r} is not a label of {tc.features!r}; labels: {labels}")
 
-    images = labelled.select("image_id", "label", *(["split"] if "split" in table.columns else [])).dropDuplicates(["image_id"])
+    images = labelled.select("path", "image_id", "label", *(["split"] if "split" in table.columns else [])).dropDuplicates(["path"])
     split, split_mode = assign_split(images, cfg)
     split = split.persist(StorageLevel.MEMORY_AND_DISK)
     n_excluded_split = split.filter(F.col("is_test").isNull()).count()
@@ -311,6 +353,12 @@ def run_train(spark: SparkSession, cfg: Config) -> TrainResult:
             raise ValueError(f"train.backbones {sorted(unknown)} are not in {tc.features!r}; it has {sorted({m for m, _ in backbones})}")
         backbones = [(m, w) for m, w in backbones if m in tc.backbones]
     multi_weights = len({m for m, _ in backbones}) < len(backbones)
+    # Before any run starts: one recorded preprocessing per backbone, or a clear refusal.
+    settings = {
+        (m, w): recorded_settings(labelled.filter((F.col("model") == m) & (F.col("weights_id") == w)), m, w, tc.features)
+        for m, w in backbones
+    }
+    featurizers = {(m, w): featurizer_for(m, w, cfg, settings[(m, w)]) for m, w in backbones}
 
     result = TrainResult(
         parent_run_id="", experiment_id=experiment_id, experiment=cfg.mlflow.experiment, tracking_uri=tracking_uri(cfg),
@@ -318,7 +366,8 @@ def run_train(spark: SparkSession, cfg: Config) -> TrainResult:
         n_test=sum(test_counts.values()), excluded_unlabelled=n_unlabelled, excluded_split=n_excluded_split,
     )
     common_params = {
-        "features_table": tc.features, "dataset": dataset, "labels": json.dumps(labels), "split_mode": split_mode,
+        # The table's location may name people or places: its digest identifies it without saying it.
+        "features_table_sha256": hashlib.sha256(tc.features.encode("utf-8")).hexdigest()[:16], "dataset": dataset, "labels": json.dumps(labels), "split_mode": split_mode,
         "split_seed": tc.seed, "test_fraction": tc.test_fraction if split_mode == "hash" else "split column",
         "class_weighting": tc.class_weighting, "n_train": result.n_train, "n_test": result.n_test,
         **{f"train_count_{metric_key(k)}": v for k, v in train_counts.items()},
@@ -331,16 +380,25 @@ def run_train(spark: SparkSession, cfg: Config) -> TrainResult:
                          "excluded_unlabelled": n_unlabelled, "excluded_split": n_excluded_split}
         check_metadata(parent_params, {"dataset": dataset})
         mlflow.log_params(parent_params)
+        for (model_name, weights_id), featurizer_weights in _weights_files(backbones, cfg).items():
+            # A model trained on a weights file must work on other machines: the file travels with the runs.
+            mlflow.log_artifact(featurizer_weights, artifact_path=f"weights/{weights_id.removeprefix('sha256:')[:16]}")
+            log.info("logged the %s weights file %s with the parent run", model_name, featurizer_weights)
         test_ids = split.filter(F.col("is_test")).select("image_id", "label").orderBy("image_id").toPandas()
-        with tempfile.TemporaryDirectory() as tmp:
-            test_ids.to_csv(os.path.join(tmp, "test_images.csv"), index=False)
-            mlflow.log_artifact(os.path.join(tmp, "test_images.csv"))
+        mlflow.log_param("test_set_sha256", set_digest(list(test_ids["image_id"])))
+        salt = id_salt(cfg.privacy.id_salt)
+        if salt:  # which images were held out, by keyed id: the owner of the secret can map them back
+            listed = test_ids.assign(test_id=artifact_ids(list(test_ids["image_id"]), salt))[["test_id", "label"]]
+            check_artifact_table(listed, "test_images.csv")
+            with tempfile.TemporaryDirectory() as tmp:
+                listed.sort_values("test_id").to_csv(os.path.join(tmp, "test_images.csv"), index=False)
+                mlflow.log_artifact(os.path.join(tmp, "test_images.csv"))
 
         for model_name, weights_id in backbones:
             backbone = f"{model_name}:{weights_id[:20]}" if multi_weights else model_name
             rows = labelled.filter((F.col("model") == model_name) & (F.col("weights_id") == weights_id))
-            rows = rows.dropDuplicates(["image_id"]).select("image_id", "label", array_to_vector(F.col("features")).alias(FEATURES_COL))
-            rows = indexer.transform(rows).join(split.select("image_id", "is_test"), on="image_id", how="inner")
+            rows = rows.dropDuplicates(["path"]).select("path", "label", array_to_vector(F.col("features")).alias(FEATURES_COL))
+            rows = indexer.transform(rows).join(split.select("path", "is_test"), on="path", how="inner")
             rows = rows.filter(F.col("is_test").isNotNull())
             if class_weight:
                 weight = F.lit(1.0)
@@ -352,7 +410,7 @@ def run_train(spark: SparkSession, cfg: Config) -> TrainResult:
             train = rows.filter(~F.col("is_test"))
             test = rows.filter(F.col("is_test"))
             input_dim = len(rows.select(FEATURES_COL).first()[0])
-            featurizer = featurizer_for(model_name, weights_id, cfg)
+            featurizer = featurizers[(model_name, weights_id)]
             converter = IndexToString(inputCol=PREDICTION_COL, outputCol="prediction", labels=labels)
             for head in tc.heads:
                 t0 = time.time()
@@ -365,7 +423,8 @@ def run_train(spark: SparkSession, cfg: Config) -> TrainResult:
                     metrics, report = classification_metrics(y, p, proba, labels)
                     report["scores"] = "probability" if probabilistic else "softmax of raw margins (no probabilities)"
                     child_params = {**common_params, "backbone": model_name, "weights_id": weights_id, "head": head,
-                                    "feature_dim": input_dim, **{f"head_{k}": v for k, v in head_params.items()}}
+                                    "feature_dim": input_dim, **{f"head_{k}": v for k, v in head_params.items()},
+                                    "preprocess": json.dumps(featurizer.decode_options().to_dict(), sort_keys=True)}
                     check_metadata(child_params, tags)  # no image content or patient fields in run metadata
                     mlflow.log_params(child_params)
                     _log_child(metrics, report, y, proba, labels, f"{backbone} / {head} on {dataset}")
@@ -387,6 +446,21 @@ def run_train(spark: SparkSession, cfg: Config) -> TrainResult:
         result.registered = {"name": tc.register, "version": str(version.version), "uri": f"models:/{tc.register}/{version.version}"}
     result.seconds = round(time.time() - started, 2)
     return result
+
+
+def _weights_files(backbones: list[tuple[str, str]], cfg: Config) -> dict[tuple[str, str], str]:
+    """(model, weights id) -> the local weights file, for the backbones whose features came from a user's file."""
+    from imgfeat.backbones.weights import WeightsError, sha256_file
+
+    files = {}
+    for m, w in backbones:
+        if w.startswith("sha256:"):
+            path = os.path.abspath(os.path.expanduser(cfg.model.weights))
+            if sha256_file(path) != w.removeprefix("sha256:"):
+                raise WeightsError(f"model.weights={path} is not the file the {m} features were made with ({w}); "
+                                   "pass that file so the logged model reproduces them")
+            files[(m, w)] = path
+    return files
 
 
 def _best(runs: list[ChildRun], metric: str) -> ChildRun | None:

@@ -1,10 +1,15 @@
-"""Checks that run metadata (MLflow params and tags) holds no image content and no patient fields.
+"""Checks that run metadata and artifacts hold no image content, no file names and no patient fields.
 
-Call ``check_metadata(params, tags)`` before logging, or ``check_mlflow_run(run)`` on a finished run.
+Call ``check_metadata(params, tags)`` before logging params, ``check_artifact_table(frame, name)`` before logging
+a table, or ``check_mlflow_run(run)`` on a finished run. Image ids in artifacts are keyed with a secret
+(``artifact_ids``): an id that is a plain hash of a relative path can be reversed by hashing guessed names.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -62,3 +67,46 @@ def check_metadata(params: Mapping[str, Any], tags: Mapping[str, Any] | None = N
 def check_mlflow_run(run: Any) -> None:
     """Check a logged MLflow run (``mlflow.get_run(run_id)``): its params and tags."""
     check_metadata(run.data.params, run.data.tags)
+
+
+# Columns an artifact table must not have: they name files (and so, often, patients).
+FILE_COLUMNS = ("path", "relpath", "filename", "file", "origin", "uri", "imageid")
+_FILE_LIKE = re.compile(r"[/\\]|\.(jpe?g|png|dcm|dicom|nii|gz|tiff?|bmp|webp)$", re.IGNORECASE)
+
+
+def id_salt(configured: str | None) -> str | None:
+    """The secret for artifact ids: the setting, else $IMGFEAT_ID_SALT, else None (no per-image ids logged)."""
+    return configured or os.environ.get("IMGFEAT_ID_SALT") or None
+
+
+def artifact_ids(image_ids: list[str], salt: str) -> list[str]:
+    """HMAC-SHA256(salt, image_id), 24 hex characters: stable for one secret, unlinkable without it."""
+    key = salt.encode("utf-8")
+    return [hmac.new(key, i.encode("utf-8"), hashlib.sha256).hexdigest()[:24] for i in image_ids]
+
+
+def set_digest(image_ids: list[str]) -> str:
+    """A digest of a set of image ids (which images were held out), comparable between runs, not reversible."""
+    return hashlib.sha256("\n".join(sorted(image_ids)).encode("utf-8")).hexdigest()
+
+
+def artifact_problems(frame: Any, name: str) -> list[str]:
+    """Problems with logging ``frame`` (a pandas DataFrame) as artifact ``name``."""
+    problems = []
+    for column in frame.columns:
+        squashed = _squash(str(column))
+        if squashed in FILE_COLUMNS or any(field in squashed for field in PATIENT_FIELDS):
+            problems.append(f"{name}: column {column!r} names files or patients")
+    for column in frame.columns:
+        values = frame[column]
+        if values.dtype == object:
+            hits = [v for v in values.astype(str) if _FILE_LIKE.search(v)]
+            if hits:
+                problems.append(f"{name}: column {column!r} holds file names or paths (e.g. {hits[0][:60]!r})")
+    return problems
+
+
+def check_artifact_table(frame: Any, name: str) -> None:
+    problems = artifact_problems(frame, name)
+    if problems:
+        raise PrivacyError("refusing to log artifact: " + "; ".join(problems))

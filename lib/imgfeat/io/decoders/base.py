@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -35,6 +37,18 @@ class DecodeOptions:
     max_pixels: int = 120_000_000
     jpeg_draft: bool = True
     formats: tuple[str, ...] = ("JPEG", "PNG", "BMP", "TIFF", "GIF", "WEBP", "MPO")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "formats": list(self.formats)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DecodeOptions:
+        """The options recorded by ``to_dict`` (unknown keys are an error: they would be silently dropped)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown decode settings {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**{**data, "formats": tuple(data.get("formats", cls.formats))})
 
 
 @dataclass
