@@ -13,12 +13,12 @@ export PYTHONPATH := $(abspath lib)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 setup: $(STAMP)
 
+# The lock is a complete closure (pip freeze), installed without the resolver: it would stop at the one known
+# conflict between petastorm (setuptools<70) and torch's metadata (setuptools>=77), which torch needs only to
+# build C++ extensions. torch is pinned to the +cpu build (a local wheel here): never the CUDA packages.
 $(STAMP): requirements.lock setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	# The lock is a complete closure (pip freeze), so no resolver: it would stop at the one known conflict
-	# between petastorm (setuptools<70) and torch's metadata (setuptools>=77), which torch needs only to
-	# build C++ extensions. torch is the +cpu build, from the local wheel: never the CUDA packages.
 	$(PY) -m pip install -q --no-deps -r requirements.lock
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)

@@ -1,8 +1,8 @@
-"""Held-out metrics from predictions (NumPy only), and the plots logged with them.
+"""Held-out metrics from predictions (scikit-learn), and the plots logged with them.
 
 ``classification_metrics(y_true, y_pred, proba, labels)`` returns the MLflow metric names directly
-(``test_accuracy``, ``test_f1_macro``, ``test_precision_<class>``, ...). The tests check every value
-against scikit-learn on the same predictions.
+(``test_accuracy``, ``test_f1_macro``, ``test_precision_<class>``, ...). Undefined values (a class absent from
+the test set, a single-class AUC) are NaN or 0 exactly as scikit-learn's ``zero_division=0`` defines them.
 """
 
 from __future__ import annotations
@@ -18,75 +18,43 @@ def metric_key(label: str) -> str:
     return re.sub(r"[^\w\-./ ]", "_", str(label))
 
 
-def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
-    """Rows = true class, columns = predicted class."""
-    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
-    np.add.at(cm, (y_true.astype(int), y_pred.astype(int)), 1)
-    return cm
-
-
-def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(b > 0, a / np.where(b > 0, b, 1), 0.0)
-
-
 def binary_auc(y: np.ndarray, score: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney, ties count half); NaN when only one class is present."""
-    y = y.astype(bool)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
+    """Area under the ROC curve; NaN when only one class is present (scikit-learn would raise)."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(y).astype(bool)
+    if y.all() or not y.any():
         return float("nan")
-    order = np.argsort(score, kind="mergesort")
-    sorted_scores = score[order]
-    ranks = np.empty(len(score), dtype=np.float64)
-    # average ranks over ties
-    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    avg = first + (counts - 1) / 2.0 + 1.0
-    ranks[order] = np.repeat(avg, counts)
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def roc_curve(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(false positive rates, true positive rates) at every distinct threshold."""
-    y = y.astype(bool)
-    order = np.argsort(-score, kind="mergesort")
-    s, yy = score[order], y[order]
-    distinct = np.r_[np.where(np.diff(s))[0], len(s) - 1]
-    tps = np.cumsum(yy)[distinct]
-    fps = (1 + distinct) - tps
-    tpr = np.r_[0.0, tps / max(1, yy.sum())]
-    fpr = np.r_[0.0, fps / max(1, (~yy).sum())]
-    return fpr, tpr
+    return float(roc_auc_score(y, score))
 
 
 def scores_to_proba(scores: np.ndarray) -> np.ndarray:
     """Margins (LinearSVC, GBT one-vs-rest) -> rows that sum to 1 (softmax), for AUC and log loss."""
-    z = scores - scores.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    from scipy.special import softmax
+
+    return softmax(np.asarray(scores, dtype=np.float64), axis=1)
 
 
 def classification_metrics(
     y_true: np.ndarray, y_pred: np.ndarray, proba: np.ndarray | None, labels: list[str]
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """(MLflow metrics, classification report) for class indices ``y_true``/``y_pred`` (0..k-1)."""
+    from sklearn import metrics as skm
+
     y_true = np.asarray(y_true).astype(int)
     y_pred = np.asarray(y_pred).astype(int)
     k, n = len(labels), len(y_true)
-    cm = confusion_matrix(y_true, y_pred, k)
-    tp = np.diag(cm).astype(float)
-    support = cm.sum(axis=1).astype(float)
-    predicted = cm.sum(axis=0).astype(float)
-    precision = _safe_div(tp, predicted)
-    recall = _safe_div(tp, support)
-    f1 = _safe_div(2 * precision * recall, precision + recall)
-    accuracy = float(tp.sum() / n) if n else float("nan")
-    expected = float((support * predicted).sum() / (n * n)) if n else 0.0
-    kappa = float((accuracy - expected) / (1 - expected)) if expected < 1 else 0.0
+    classes = list(range(k))
+    cm = skm.confusion_matrix(y_true, y_pred, labels=classes)
+    precision, recall, f1, support = skm.precision_recall_fscore_support(
+        y_true, y_pred, labels=classes, zero_division=0)
+    accuracy = float(skm.accuracy_score(y_true, y_pred)) if n else float("nan")
+    agreement_by_chance = float((cm.sum(axis=1) * cm.sum(axis=0)).sum() / (n * n)) if n else 1.0
+    kappa = float(skm.cohen_kappa_score(y_true, y_pred, labels=classes)) if agreement_by_chance < 1 else 0.0
     metrics: dict[str, float] = {
         "test_accuracy": accuracy,
         "test_f1_macro": float(f1.mean()),
-        "test_f1_weighted": float((f1 * support).sum() / support.sum()) if n else float("nan"),
+        "test_f1_weighted": float(skm.f1_score(y_true, y_pred, labels=classes, average="weighted", zero_division=0)),
         "test_precision_macro": float(precision.mean()),
         "test_recall_macro": float(recall.mean()),
         "test_kappa": kappa,
@@ -101,12 +69,9 @@ def classification_metrics(
         proba = proba / proba.sum(axis=1, keepdims=True)
         if k == 2:
             metrics["test_roc_auc"] = binary_auc(y_true == 1, proba[:, 1])
-        else:
-            aucs = [binary_auc(y_true == c, proba[:, c]) for c in range(k)]
-            metrics["test_roc_auc"] = float(np.mean(aucs))  # NaN when a class is missing from the test set
-        eps = np.finfo(np.float64).eps
-        clipped = np.clip(proba[np.arange(n), y_true], eps, 1 - eps)
-        metrics["test_log_loss"] = float(-np.log(clipped).mean())
+        else:  # one-vs-rest macro; NaN when a class is missing from the test set
+            metrics["test_roc_auc"] = float(np.mean([binary_auc(y_true == c, proba[:, c]) for c in classes]))
+        metrics["test_log_loss"] = float(skm.log_loss(y_true, proba, labels=classes))
     report = {
         "labels": list(labels),
         "confusion_matrix": cm.tolist(),
@@ -160,7 +125,9 @@ def plot_roc(y_true: np.ndarray, proba: np.ndarray, labels: list[str], title: st
         y = np.asarray(y_true) == c
         if y.all() or not y.any():
             continue
-        fpr, tpr = roc_curve(y, proba[:, c])
+        from sklearn.metrics import roc_curve
+
+        fpr, tpr, _ = roc_curve(y, proba[:, c])
         ax.plot(fpr, tpr, label=f"{labels[c]} (AUC {binary_auc(y, proba[:, c]):.3f})")
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=0.8)
     ax.set_xlabel("false positive rate")

@@ -68,22 +68,15 @@ def _to_rgb_or_float(img: Image.Image, high_bit_depth: str) -> Image.Image:
 
 
 def _resize(img: Image.Image, size: int, mode: str, resample: int) -> Image.Image:
-    w, h = img.size
-    if mode == "stretch" or w == h:
-        return img.resize((size, size), resample=resample) if (w, h) != (size, size) else img
+    """stretch: to a square ignoring aspect; crop: Pillow's ``ImageOps.fit`` (centre crop to the aspect, then
+    resize); pad: ``ImageOps.pad`` (resize within the square, letterboxed on black)."""
+    if img.size == (size, size):
+        return img
     if mode == "crop":
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        img = img.resize((nw, nh), resample=resample)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        return img.crop((left, top, left + size, top + size))
-    # pad: keep aspect, letterbox on black
-    scale = size / max(w, h)
-    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-    img = img.resize((nw, nh), resample=resample)
-    canvas = Image.new(img.mode, (size, size), 0)
-    canvas.paste(img, ((size - nw) // 2, (size - nh) // 2))
-    return canvas
+        return ImageOps.fit(img, (size, size), method=resample, centering=(0.5, 0.5))
+    if mode == "pad":
+        return ImageOps.pad(img, (size, size), method=resample, color=0, centering=(0.5, 0.5))
+    return img.resize((size, size), resample=resample)
 
 
 def decode_image(data: bytes | None, options: DecodeOptions) -> DecodedImage:
