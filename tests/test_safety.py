@@ -152,54 +152,56 @@ def test_pinned_sha256_mismatch_stops_the_job_with_a_clear_error(spark, samples,
     assert not os.path.exists(out) and not os.path.exists(out + "_errors")
 
 
-def test_spark_session_servers_bind_localhost_only(tmp_path):
-    """The driver's RPC, block manager and web UI listen on 127.0.0.1 only (UI enabled here)."""
-    script = (
-        "import json, psutil\n"
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+def _probe(root: str, master: str | None) -> str:
+    """A driver script that starts imgfeat's session and prints the listening addresses of its JVM's process tree."""
+    sets = [*([f"spark.master={master}"] if master else []), "spark.driver_memory=512m"]
+    return (
+        "import json, logging, psutil\n"
+        "logging.basicConfig()\n"  # as imgfeat's CLI does
         "from imgfeat.config import load_config\n"
         "from imgfeat.session import get_spark\n"
-        "spark = get_spark(load_config(sets=['spark.master=local[1]', 'spark.driver_memory=512m']))\n"
-        "assert spark.sparkContext.uiWebUrl\n"
-        "procs = [psutil.Process()] + psutil.Process().children(recursive=True)\n"
+        f"spark = get_spark(load_config(sets={sets!r}))\n"
+        "spark.range(10).count()\n"
+        # python -c: the JVM is our child; under spark-submit, the JVM started this Python driver
+        f"jvm = psutil.Process() if {root == 'python'} else psutil.Process().parent()\n"
+        "procs = [jvm] + jvm.children(recursive=True)\n"
         "addrs = sorted({c.laddr.ip for p in procs for c in p.net_connections('inet') if c.status == 'LISTEN'})\n"
-        "print('LISTEN', json.dumps(addrs))\n"
+        "print('RESULT', json.dumps({'addrs': addrs, 'ui': spark.sparkContext.uiWebUrl}))\n"
         "spark.stop()\n"
     )
+
+
+def _probe_env(local_ip: str | None) -> dict[str, str]:
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYTHONPATH": str(ROOT / "lib")}
     env.pop("SPARK_LOCAL_IP", None)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    if local_ip:
+        env["SPARK_LOCAL_IP"] = local_ip
+    return env
+
+
+def test_spark_session_servers_bind_localhost_only(tmp_path):
+    """The driver's RPC, block manager and web UI listen on 127.0.0.1 only (UI enabled here)."""
+    result = subprocess.run([sys.executable, "-c", _probe("python", "local[1]")], capture_output=True, text=True,
+                            env=_probe_env(None), timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    addrs = json.loads(result.stdout.split("LISTEN", 1)[1])
-    assert addrs and set(addrs) <= {"127.0.0.1", "::1", "::ffff:127.0.0.1"}, addrs
+    found = json.loads(result.stdout.split("RESULT", 1)[1])
+    assert found["ui"] and found["addrs"] and set(found["addrs"]) <= LOOPBACK, found
 
 
 @pytest.mark.parametrize("local_ip, ui", [(None, False), ("127.0.0.1", True)])
 def test_local_spark_submit_listens_on_loopback_only(tmp_path, local_ip, ui):
     """Under spark-submit the JVM starts before imgfeat runs: without SPARK_LOCAL_IP its UI would bind *:4040."""
     script = tmp_path / "probe.py"
-    script.write_text(
-        "import json, logging, psutil\n"
-        "logging.basicConfig()\n"  # as imgfeat's CLI does
-        "from imgfeat.config import load_config\n"
-        "from imgfeat.session import get_spark\n"
-        "spark = get_spark(load_config(sets=['spark.driver_memory=512m']))\n"
-        "spark.range(10).count()\n"
-        "jvm = psutil.Process().parent()\n"  # spark-submit's JVM started this Python driver
-        "procs = [jvm] + jvm.children(recursive=True)\n"
-        "addrs = sorted({c.laddr.ip for p in procs for c in p.net_connections('inet') if c.status == 'LISTEN'})\n"
-        "print('RESULT', json.dumps({'addrs': addrs, 'ui': spark.sparkContext.uiWebUrl}))\n"
-        "spark.stop()\n"
-    )
-    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYTHONPATH": str(ROOT / "lib")}
-    env.pop("SPARK_LOCAL_IP", None)
-    if local_ip:
-        env["SPARK_LOCAL_IP"] = local_ip
+    script.write_text(_probe("spark-submit", None))
     submit = os.path.join(os.path.dirname(sys.executable), "spark-submit")
-    result = subprocess.run([submit, "--master", "local[1]", str(script)], capture_output=True, text=True, env=env,
-                            timeout=300, cwd=tmp_path)
+    result = subprocess.run([submit, "--master", "local[1]", str(script)], capture_output=True, text=True,
+                            env=_probe_env(local_ip), timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     found = json.loads(result.stdout.split("RESULT", 1)[1])
-    assert found["addrs"] and set(found["addrs"]) <= {"127.0.0.1", "::1", "::ffff:127.0.0.1"}, found
+    assert found["addrs"] and set(found["addrs"]) <= LOOPBACK, found
     assert bool(found["ui"]) is ui
     if not ui:
         # spark-submit merges the Python driver's stderr into its stdout.

@@ -14,16 +14,31 @@ import sys
 import time
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None, default_model: str) -> argparse.Namespace:
+    """The arguments every baseline script takes (the bench passes the same ones to each)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--list", required=True, help="text file with one image path per line")
-    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--model", default=default_model)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", required=True, help="where to save the features (.npy)")
-    a = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def save_and_report(out_path: str, feats: list, t0: float, t_model: float) -> int:
+    """Save the features and print the one JSON line the bench reads."""
+    import numpy as np
+
+    out = np.concatenate(feats).astype(np.float32)
+    np.save(out_path, out)
+    t_end = time.perf_counter()
+    print(json.dumps({"images": len(out), "startup_s": t_model - t0, "loop_s": t_end - t_model}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv, "resnet50")
     t0 = time.perf_counter()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import numpy as np
     import tensorflow as tf
 
     from imgfeat.backbones.registry import get_backbone
@@ -49,12 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         .batch(a.batch_size)
         .prefetch(tf.data.AUTOTUNE)
     )
-    feats = [model(x, training=False).numpy() for x in ds]
-    out = np.concatenate(feats).astype(np.float32)
-    np.save(a.out, out)
-    t_end = time.perf_counter()
-    print(json.dumps({"images": len(out), "startup_s": t_model - t0, "loop_s": t_end - t_model}))
-    return 0
+    return save_and_report(a.out, [model(x, training=False).numpy() for x in ds], t0, t_model)
 
 
 if __name__ == "__main__":

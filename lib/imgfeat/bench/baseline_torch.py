@@ -8,19 +8,14 @@ one JSON line with its own timings. The process's whole wall time is measured by
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import time
 
+from imgfeat.bench.baseline import parse_args, save_and_report
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--list", required=True, help="text file with one image path per line")
-    parser.add_argument("--model", default="efficientnet_lite0")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--out", required=True, help="where to save the features (.npy)")
-    a = parser.parse_args(argv)
+    a = parse_args(argv, "efficientnet_lite0")
     t0 = time.perf_counter()
     import numpy as np
     import torch
@@ -50,12 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     loader = torch.utils.data.DataLoader(Images(), batch_size=a.batch_size, num_workers=os.cpu_count() or 1)
     t_model = time.perf_counter()
     with torch.inference_mode():
-        feats = [model(x).numpy() for x in loader]
-    out = np.concatenate(feats).astype(np.float32)
-    np.save(a.out, out)
-    t_end = time.perf_counter()
-    print(json.dumps({"images": len(out), "startup_s": t_model - t0, "loop_s": t_end - t_model}))
-    return 0
+        return save_and_report(a.out, [model(x).numpy() for x in loader], t0, t_model)
 
 
 if __name__ == "__main__":
