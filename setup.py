@@ -13,7 +13,7 @@ setup(
     packages=find_packages(where="lib"),
     include_package_data=True,
     package_data={"imgfeat": ["py.typed"]},
-    install_requires=["numpy>=1.24", "pandas>=2.0", "Pillow>=10.0", "PyYAML>=6.0"],
+    install_requires=["numpy>=1.24", "pandas>=2.0", "Pillow>=10.0", "PyYAML>=6.0", "ImageHash>=4.3"],
     extras_require={
         "spark": ["pyspark>=3.5", "pyarrow>=10"],
         "tf": ["tensorflow-cpu>=2.16; platform_machine != 'arm64'", "keras>=3.0"],

@@ -156,7 +156,7 @@ def test_runs_params_metrics_and_artifacts_are_in_the_store(trained_all_heads, s
 
 
 def test_the_split_is_the_same_for_every_backbone_and_stratified(spark, tmp_path, store):
-    from imgfeat.train.fit import assign_split, read_features
+    from imgfeat.train.split import assign_split, read_features
 
     table = str(tmp_path / "two")
     _separable_table(spark, table, per_class=25, classes=("N", "P"), models=("m1", "m2"))

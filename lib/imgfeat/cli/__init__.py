@@ -18,7 +18,7 @@ from typing import Any
 from imgfeat.config import Config, ConfigError, load_config
 
 # Sub-commands, in help order; each is a module imgfeat.cli.<name>.
-COMMAND_NAMES = ("extract", "train", "compare", "predict", "bench")
+COMMAND_NAMES = ("extract", "audit", "train", "compare", "predict", "bench")
 
 
 def _commands() -> dict[str, ModuleType]:

@@ -36,7 +36,10 @@ def run(a: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     table = run_compare(cfg, a.run_id)
     with pd.option_context("display.max_columns", None, "display.width", 200, "display.float_format", "{:.4f}".format):
         print(table.to_string(index=False), flush=True)
+    print("[imgfeat] *_ci: 95 % bootstrap intervals; equal ranks are ties (overlapping intervals)")
+    if table.attrs.get("paired_test"):
+        print(f"[imgfeat] best two, paired on the same test images: {table.attrs['paired_test']}")
     print(f"[imgfeat] logged comparison.md/.csv/.png to parent run {table.attrs['parent_run_id']}; "
           f"open the MLflow UI with: mlflow ui --backend-store-uri {tracking_uri(cfg)}")
     return {"parent_run_id": table.attrs["parent_run_id"], "positive_class": table.attrs["positive_class"],
-            "rows": table.to_dict(orient="records")}
+            "paired_test": table.attrs.get("paired_test"), "rows": table.to_dict(orient="records")}

@@ -23,6 +23,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--positive-class", help="class reported by compare (default: last label alphabetically)")
     p.add_argument("--register", metavar="NAME", help="register the best run's model in the Model Registry as NAME")
     p.add_argument("--format", choices=["auto", "delta", "parquet"], help="format of the features table (default auto)")
+    p.add_argument("--allow-group-overlap", action="store_const", const=True,
+                   help="train even if train and test share a group (patient)")
+    p.add_argument("--allow-duplicates", action="store_const", const=True,
+                   help="train even if the same image content is in train and test")
+    p.add_argument("--target-sensitivity", type=float, help="binary: report the operating point at this sensitivity (0.95)")
 
 
 def overrides(a: argparse.Namespace) -> dict[str, Any]:
@@ -39,6 +44,9 @@ def overrides(a: argparse.Namespace) -> dict[str, Any]:
         "train.positive_class": a.positive_class,
         "train.register": a.register,
         "output.format": a.format,
+        "train.validity.allow_group_overlap": a.allow_group_overlap,
+        "train.validity.allow_duplicates": a.allow_duplicates,
+        "train.validity.target_sensitivity": a.target_sensitivity,
     }
 
 

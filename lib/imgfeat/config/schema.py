@@ -33,12 +33,21 @@ class LabelConfig:
 
 @dataclass
 class SplitConfig:
-    # none: no split column; hash: seeded hash of image_id, stable across runs;
+    # none: no split column; hash: seeded hash of image_id (or of the image's group), stable across runs;
     # folder: the folder name at folder_level (e.g. root/train/NORMAL/x.jpg -> "train").
     mode: Literal["none", "hash", "folder"] = "none"
     test_fraction: float = 0.2
     seed: int = 42
     folder_level: int = 2
+    # Keep every image of a group (a patient) on one side of the split: none | regex (group_pattern on the file
+    # name) | manifest_column (group_column of the label manifest) | patient_key (DICOM, with the formats issue).
+    # The group is stored per row (group_id) and train's hash split uses it too.
+    group: Literal["none", "regex", "manifest_column", "patient_key"] = "none"
+    # A regex with one capture group, applied to the file name, or a preset: kermany (person1234_bacteria_1.jpeg,
+    # IM-0123-0001.jpeg, NORMAL2-IM-0123-0001.jpeg) | nih (00001280_004.png: the first 8 digits).
+    group_pattern: str | None = None
+    # The label manifest's column that holds the group (group: manifest_column).
+    group_column: str | None = None
 
 
 @dataclass
@@ -165,6 +174,25 @@ class KerasHeadConfig:
 
 
 @dataclass
+class ValidityConfig:
+    """Leakage checks and uncertainty (docs/validity.md)."""
+
+    # Refuse a table whose train and test share a group (a patient); --allow-group-overlap.
+    allow_group_overlap: bool = False
+    # Refuse exact duplicates (same file content) across train and test; --allow-duplicates.
+    allow_duplicates: bool = False
+    # Near duplicates: perceptual hashes at most this many bits apart (of 64).
+    near_duplicate_bits: int = 4
+    # 95 % bootstrap intervals for every test metric: resamples of test images (of groups, when grouped).
+    bootstrap_resamples: int = 1000
+    confidence: float = 0.95
+    # Binary tasks: the operating point (threshold) reaching this sensitivity, with its specificity.
+    target_sensitivity: float = 0.95
+    # Expected calibration error: equal-width confidence bins.
+    calibration_bins: int = 10
+
+
+@dataclass
 class TrainConfig:
     # Features table written by `extract` (path, or catalog.schema.table with Delta).
     features: str | None = None
@@ -194,6 +222,7 @@ class TrainConfig:
     params: HeadParamsConfig = field(default_factory=HeadParamsConfig)
     grid: GridConfig = field(default_factory=GridConfig)
     keras: KerasHeadConfig = field(default_factory=KerasHeadConfig)
+    validity: ValidityConfig = field(default_factory=ValidityConfig)
 
 
 @dataclass

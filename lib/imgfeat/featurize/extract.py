@@ -46,11 +46,15 @@ class ExtractResult:
     # that match no listed image (a typo, or files not there).
     unlabelled: int = 0
     manifest_unmatched: int = 0
+    ungrouped: int = 0  # grouped split: images whose group was not found (each is its own group)
 
     def summary(self) -> str:
         warnings = ""
         if self.unlabelled:
             warnings += f"\n[imgfeat]   warning: {self.unlabelled} listed images have no label (train will leave them out)"
+        if self.ungrouped:
+            warnings += (f"\n[imgfeat]   warning: {self.ungrouped} images match no group (input.split.group_pattern); "
+                         "each is its own group")
         if self.manifest_unmatched:
             warnings += (f"\n[imgfeat]   warning: {self.manifest_unmatched} rows of the label manifest match no listed "
                          "image (check their paths against --input)")
@@ -291,7 +295,8 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
     n_other = others.count()
     labels = label_report(spark, cfg, images)
     for key, text in (("unlabelled", "listed images have no label"),
-                      ("manifest_unmatched", "label-manifest rows match no listed image")):
+                      ("manifest_unmatched", "label-manifest rows match no listed image"),
+                      ("ungrouped", "images match no group; each is its own group")):
         if labels[key]:
             log.warning("%d %s", labels[key], text)
     scratch = f"todo-{run_id}"
@@ -328,16 +333,17 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
         unread = unread_errors(todo, rows, cfg.input.max_file_bytes).persist(StorageLevel.MEMORY_AND_DISK)
         write_started = time.time()
         feature_rows = rows.filter(F.col("error_class").isNull()).select(
-            "image_id", "path", "rel_path", "label", "split",
+            "image_id", "path", "rel_path", "label", "split", "group_id",
             "features", "features_f16", *meta,
             F.lit(backbone.feature_dim).alias("feature_dim"),
-            "width", "height", "source_mode", "format", *FINGERPRINT,
+            "width", "height", "source_mode", "format", "content_sha256", "phash", *FINGERPRINT,
         )
-        error_cols = ["image_id", "path", "rel_path", "label", "split", "error_class", "error_message", *FINGERPRINT]
+        error_cols = ["image_id", "path", "rel_path", "label", "split", "group_id", "error_class", "error_message",
+                      *FINGERPRINT]
         error_rows = (
             rows.filter(F.col("error_class").isNotNull()).select(*error_cols)
             .unionByName(unread.select(*error_cols))
-            .select(*error_cols[:5], *meta, *error_cols[5:])
+            .select(*error_cols[:6], *meta, *error_cols[6:])
         )
         append_rows(spark, feature_rows, cfg.output.path, fmt, replace=replace_keys(replace, backbone.name, resolved.weights_id))
         append_rows(spark, error_rows, cfg.errors_path, fmt, replace=replace_keys(replace, backbone.name, resolved.weights_id))

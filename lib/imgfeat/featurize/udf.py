@@ -6,6 +6,7 @@ iterator pandas UDF that builds the model once per Python worker and reuses it f
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -19,15 +20,17 @@ import pandas as pd
 from imgfeat.backbones.registry import Backbone
 from imgfeat.backbones.weights import WeightsSource
 from imgfeat.io.decoders import DECODE_FAILED, DecodeError, DecodeOptions, decode_image
+from imgfeat.io.fingerprints import perceptual_hash
 
 if TYPE_CHECKING:
     from pyspark.sql import Column
 
 RESULT_DDL = (
     "features array<float>, features_f16 binary, width int, height int, source_mode string, "
-    "format string, error_class string, error_message string"
+    "format string, content_sha256 string, phash string, error_class string, error_message string"
 )
-RESULT_FIELDS = ["features", "features_f16", "width", "height", "source_mode", "format", "error_class", "error_message"]
+RESULT_FIELDS = ["features", "features_f16", "width", "height", "source_mode", "format", "content_sha256", "phash",
+                 "error_class", "error_message"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,9 @@ def featurize_batch(
         else:
             out["width"][i], out["height"][i] = d.width, d.height
             out["source_mode"][i], out["format"][i] = d.source_mode, d.format
+            # Duplicates: the exact bytes, and a perceptual hash of the decoded image (docs/validity.md).
+            out["content_sha256"][i] = hashlib.sha256(bytes(contents.iloc[i])).hexdigest()
+            out["phash"][i] = perceptual_hash(d.array)
     size = spec.decode.size
     t1 = time.perf_counter()
     for start in range(0, len(ok), spec.batch_size):

@@ -93,6 +93,7 @@ def list_files(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFrame]:
     )
     images = images.withColumn("image_id", F.substring(F.sha2(F.col("rel_path"), 256), 1, 24))
     images = _with_label(spark, images, cfg, root)
+    images = _with_group(images, cfg)
     images = _with_split(images, cfg)
     return images, others
 
@@ -123,7 +124,7 @@ def _folder_at(level: int):
 
 
 def read_manifest(spark: SparkSession, cfg: Config, root: str) -> DataFrame:
-    """The label manifest as (rel_path, manifest_label), one row per relative path."""
+    """The label manifest as (rel_path, manifest_label[, manifest_group]), one row per relative path."""
     from pyspark.sql import functions as F
 
     manifest_path = cfg.input.label.manifest
@@ -133,10 +134,12 @@ def read_manifest(spark: SparkSession, cfg: Config, root: str) -> DataFrame:
     if "://" not in manifest_path and not os.path.exists(local):
         raise InputError(f"label manifest {manifest_path!r} does not exist")
     manifest = spark.read.option("header", "true").csv(manifest_path)
-    missing = {"path", "label"} - set(manifest.columns)
+    group_column = cfg.input.split.group_column if cfg.input.split.group == "manifest_column" else None
+    missing = {"path", "label", *([group_column] if group_column else [])} - set(manifest.columns)
     if missing:
         raise InputError(
-            f"label manifest {manifest_path!r} must have a header with columns path,label; "
+            f"label manifest {manifest_path!r} must have a header with columns path,label"
+            f"{',' + group_column if group_column else ''} (input.split.group_column); "
             f"missing: {', '.join(sorted(missing))}"
         )
     local_root = root.removeprefix("file:")
@@ -146,17 +149,21 @@ def read_manifest(spark: SparkSession, cfg: Config, root: str) -> DataFrame:
             F.regexp_replace(F.col("path"), "^\\Q" + root + "/\\E", ""), "^\\Q" + local_root + "/\\E", ""
         ).alias("rel_path"),
         F.col("label").alias("manifest_label"),
+        *([F.col(group_column).alias("manifest_group")] if group_column else []),
     ).dropDuplicates(["rel_path"])
 
 
 def label_report(spark: SparkSession, cfg: Config, images: DataFrame) -> dict[str, int]:
-    """How labelling went: listed images without a label, and manifest rows that match no listed image."""
+    """How labelling went: listed images without a label, manifest rows that match no listed image, and (with a
+    grouped split) images whose group could not be found (each is then its own group)."""
     from pyspark.sql import functions as F
 
     mode = cfg.input.label.effective_mode
+    ungrouped = images.filter(F.col("group_id").isNull()).count() if cfg.input.split.group != "none" else 0
     if mode == "none":
-        return {"unlabelled": 0, "manifest_unmatched": 0}
-    report = {"unlabelled": images.filter(F.col("label").isNull()).count(), "manifest_unmatched": 0}
+        return {"unlabelled": 0, "manifest_unmatched": 0, "ungrouped": ungrouped}
+    report = {"unlabelled": images.filter(F.col("label").isNull()).count(), "manifest_unmatched": 0,
+              "ungrouped": ungrouped}
     if mode == "manifest":
         manifest = read_manifest(spark, cfg, qualify(spark, cfg.input.path))
         report["manifest_unmatched"] = manifest.join(images.select("rel_path"), on="rel_path", how="left_anti").count()
@@ -179,6 +186,20 @@ def _with_label(spark: SparkSession, images: DataFrame, cfg: Config, root: str) 
     )
 
 
+def _with_group(images: DataFrame, cfg: Config) -> DataFrame:
+    """group_id (null = the image is its own group)."""
+    from pyspark.sql import functions as F
+
+    from imgfeat.io.groups import group_from_name
+
+    mode = cfg.input.split.group
+    if mode == "regex":
+        return images.withColumn("group_id", group_from_name(cfg))
+    if mode == "manifest_column":
+        return images.withColumnRenamed("manifest_group", "group_id")
+    return images.withColumn("group_id", F.lit(None).cast("string"))
+
+
 def _with_split(images: DataFrame, cfg: Config) -> DataFrame:
     from pyspark.sql import functions as F
 
@@ -187,9 +208,10 @@ def _with_split(images: DataFrame, cfg: Config) -> DataFrame:
         return images.withColumn("split", F.lit(None).cast("string"))
     if split.mode == "folder":
         return images.withColumn("split", _folder_at(split.folder_level))
-    # Each image's split depends only on (seed, image_id): stable when files are added or removed,
-    # and stratified in expectation (the same fraction is drawn inside every class).
-    bucket = F.pmod(F.xxhash64(F.lit(split.seed), F.col("image_id")), F.lit(1_000_000)) / F.lit(1_000_000.0)
+    # Each image's split depends only on (seed, its group, or image_id when ungrouped): stable when files are
+    # added or removed, every image of a group on one side, and stratified in expectation.
+    unit = F.coalesce(F.concat(F.lit("group:"), F.col("group_id")), F.col("image_id"))
+    bucket = F.pmod(F.xxhash64(F.lit(split.seed), unit), F.lit(1_000_000)) / F.lit(1_000_000.0)
     return images.withColumn("split", F.when(bucket < split.test_fraction, "test").otherwise("train"))
 
 

@@ -25,31 +25,44 @@ def latest_parent_run(client: Any, experiment_id: str) -> Any:
 
 
 def comparison_table(children: list[Any], positive: str, sort_by: str = "test_f1_macro") -> pd.DataFrame:
-    """One row per child run: backbone | head | accuracy | precision/recall/F1 of ``positive`` | macro F1 | kappa | AUC."""
+    """One row per child run: rank | backbone | head | accuracy | precision/recall/F1 of ``positive`` | macro F1 |
+    kappa | AUC, each with its bootstrap interval (``<column>_ci``), best first.
+
+    ``rank``: runs whose intervals of ``sort_by`` overlap the interval of the best run of their rank share it
+    (a tie: the data cannot tell them apart); the next run whose interval lies wholly below starts the next rank.
+    """
     import pandas as pd
 
     key = metric_key(positive)
+    shown = {
+        "accuracy": "test_accuracy", f"precision_{positive}": f"test_precision_{key}",
+        f"recall_{positive}": f"test_recall_{key}", f"f1_{positive}": f"test_f1_{key}", "f1_macro": "test_f1_macro",
+        "kappa": "test_kappa", "auc": "test_roc_auc",
+    }
     rows = []
     for run in children:
         m = run.data.metrics
-        rows.append({
-            "backbone": run.data.tags.get("backbone", "?"),
-            "head": run.data.tags.get("head", "?"),
-            "accuracy": m.get("test_accuracy"),
-            f"precision_{positive}": m.get(f"test_precision_{key}"),
-            f"recall_{positive}": m.get(f"test_recall_{key}"),
-            f"f1_{positive}": m.get(f"test_f1_{key}"),
-            "f1_macro": m.get("test_f1_macro"),
-            "kappa": m.get("test_kappa"),
-            "auc": m.get("test_roc_auc"),
-            "run_id": run.info.run_id,
-            "_sort": m.get(sort_by),
-        })
+        row: dict[str, Any] = {"backbone": run.data.tags.get("backbone", "?"), "head": run.data.tags.get("head", "?")}
+        for column, name in shown.items():
+            row[column] = m.get(name)
+            low, high = m.get(f"{name}_ci_low"), m.get(f"{name}_ci_high")
+            row[f"{column}_ci"] = f"{low:.3f}-{high:.3f}" if low is not None and high is not None else ""
+        row.update({"run_id": run.info.run_id, "_sort": m.get(sort_by), "_low": m.get(f"{sort_by}_ci_low"),
+                    "_high": m.get(f"{sort_by}_ci_high")})
+        rows.append(row)
     table = pd.DataFrame(rows)
     if table.empty:
         return table
-    table = table.sort_values(["_sort", "accuracy", "backbone", "head"], ascending=[False, False, True, True], na_position="last")
-    return table.drop(columns="_sort").reset_index(drop=True)
+    table = table.sort_values(["_sort", "accuracy", "backbone", "head"], ascending=[False, False, True, True],
+                              na_position="last").reset_index(drop=True)
+    ranks, rank, leader_low = [], 0, None
+    for i, row in table.iterrows():
+        overlaps = leader_low is not None and row["_high"] == row["_high"] and row["_high"] is not None and row["_high"] >= leader_low
+        if not overlaps:
+            rank, leader_low = i + 1, row["_low"] if row["_low"] == row["_low"] else None
+        ranks.append(rank)
+    table.insert(0, "rank", ranks)
+    return table.drop(columns=["_sort", "_low", "_high"])
 
 
 def to_markdown(table: pd.DataFrame) -> str:
@@ -112,6 +125,7 @@ def run_compare(cfg: Config, parent_run_id: str | None = None) -> pd.DataFrame:
         raise ValueError(f"positive class {positive!r} is not one of the trained labels {labels}; pass --positive-class")
     table = comparison_table(children, positive, cfg.train.select_metric)
     dataset = parent.data.tags.get("dataset", "")
+    paired = parent.data.tags.get("paired_test", "")
     from imgfeat.train.privacy import check_artifact_table
 
     check_artifact_table(table, "comparison.csv")
@@ -119,11 +133,15 @@ def run_compare(cfg: Config, parent_run_id: str | None = None) -> pd.DataFrame:
         md = os.path.join(tmp, "comparison.md")
         with open(md, "w", encoding="utf-8") as fh:
             fh.write(f"# {dataset}: positive class {positive}, sorted by {cfg.train.select_metric}\n\n{to_markdown(table)}\n")
+            fh.write("\nIntervals: 95 % bootstrap over the test images (their groups when grouped); equal ranks are ties.\n")
+            if paired:
+                fh.write(f"\nBest two runs, paired on the same test images: {paired}\n")
         table.to_csv(os.path.join(tmp, "comparison.csv"), index=False)
         fig = bar_chart(table, positive, f"{dataset} (positive class {positive})")
         fig.savefig(os.path.join(tmp, "comparison.png"), dpi=110)
         plt.close(fig)
         for name in ("comparison.md", "comparison.csv", "comparison.png"):
             client.log_artifact(parent.info.run_id, os.path.join(tmp, name))
-    table.attrs.update({"parent_run_id": parent.info.run_id, "positive_class": positive, "experiment_id": experiment_id})
+    table.attrs.update({"parent_run_id": parent.info.run_id, "positive_class": positive, "experiment_id": experiment_id,
+                        "paired_test": paired})
     return table

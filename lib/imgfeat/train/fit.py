@@ -1,10 +1,11 @@
 """Train heads on a features table, one MLflow child run per backbone x head.
 
 Reads the table written by ``extract``; indexes labels once (alphabetical order); splits images into
-train/test once (the table's ``split`` column, or a seeded, exactly stratified hash split) so every
-backbone and head is tested on the same images; fits each head (optionally with CrossValidator or
-TrainValidationSplit); logs params, metrics, plots and a ``PipelineModel`` of ``ImageFeaturizer`` +
-head + label converter that scores raw image bytes.
+train/test once (``train.split``: the table's split column, or a grouped, stratified hash split) so every
+backbone and head is tested on the same images; audits the split for leaks (``train.audit``); fits each head
+(optionally with CrossValidator or TrainValidationSplit); logs params, metrics with bootstrap intervals,
+calibration, plots and a ``PipelineModel`` of ``ImageFeaturizer`` + head + label converter that scores raw image
+bytes; and a paired test between the best two runs.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-REQUIRED_COLUMNS = ("image_id", "path", "label", "features", "model", "weights_id")
 
 
 @dataclass
@@ -60,6 +60,8 @@ class TrainResult:
     best_run_id: str | None = None
     registered: dict[str, str] | None = None
     seconds: float = 0.0
+    audit: dict[str, Any] | None = None  # the leakage report (train.audit.AuditReport)
+    paired_test: dict[str, Any] | None = None  # McNemar between the best two runs
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,12 +77,27 @@ class TrainResult:
                 f"[imgfeat]   excluded: {self.excluded_unlabelled} rows without a label, "
                 f"{self.excluded_split} rows whose split is neither train nor test"
             )
+        if self.audit:
+            a = self.audit
+            lines.append(
+                f"[imgfeat]   audit: {a['exact_duplicate_sets']} duplicate contents ({a['exact_cross_split_count']} across "
+                f"train/test), {a['near_duplicate_pairs']} near-duplicate pairs ({a['near_cross_split_count']} across), "
+                f"{a['groups']} groups ({a['groups_across_splits_count']} on both sides)")
+
+        def interval(r: ChildRun, name: str) -> str:
+            value = r.metrics.get(f"test_{name}", float("nan"))
+            low, high = r.metrics.get(f"test_{name}_ci_low"), r.metrics.get(f"test_{name}_ci_high")
+            return f"{value:.4f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else "")
+
         for r in self.runs:
             lines.append(
-                f"[imgfeat]   {r.backbone:<14} {r.head:<5} accuracy {r.metrics.get('test_accuracy', float('nan')):.4f}  "
-                f"macro F1 {r.metrics.get('test_f1_macro', float('nan')):.4f}  AUC {r.metrics.get('test_roc_auc', float('nan')):.4f}  "
-                f"({r.seconds:.1f}s)  run {r.run_id}"
+                f"[imgfeat]   {r.backbone:<14} {r.head:<5} accuracy {interval(r, 'accuracy')}  "
+                f"macro F1 {interval(r, 'f1_macro')}  AUC {interval(r, 'roc_auc')}  ({r.seconds:.1f}s)  run {r.run_id}"
             )
+        if self.paired_test:
+            t = self.paired_test
+            lines.append(f"[imgfeat]   best two: {t['a']} vs {t['b']} on {t['images']} test images: McNemar p = "
+                         f"{t['p_value']:.4g} ({t['only_a_correct']} vs {t['only_b_correct']} images only one got right)")
         if self.registered:
             lines.append(f"[imgfeat]   registered {self.registered['name']} version {self.registered['version']} (run {self.best_run_id})")
         lines.append(f"[imgfeat]   tracking: {self.tracking_uri}  (compare: imgfeat compare --experiment {self.experiment})")
@@ -89,71 +106,6 @@ class TrainResult:
 
 # ---------------------------------------------------------------------------------------------
 # reading and splitting
-
-
-def table_format(spark: SparkSession, location: str, requested: str) -> str:
-    """``auto``: delta when the location is a Delta table (or a table name), else parquet."""
-    from imgfeat.store.tables import _hadoop_fs, is_table_name
-
-    if requested != "auto":
-        return requested
-    if is_table_name(location):
-        return "delta"
-    fs, jpath = _hadoop_fs(spark, location)
-    return "delta" if fs.exists(jpath.suffix("/_delta_log")) else "parquet"
-
-
-def read_features(spark: SparkSession, cfg: Config) -> DataFrame:
-    """The features table, checked for the columns training needs."""
-    from imgfeat.store.tables import read_table, table_exists
-
-    location = cfg.train.features
-    if not location:
-        raise ValueError("no features table: pass --features PATH (or set train.features), the --output of extract")
-    fmt = table_format(spark, location, cfg.output.format)
-    if not table_exists(spark, location, fmt):
-        raise FileNotFoundError(f"features table {location!r} ({fmt}) does not exist or is empty; run `imgfeat extract` first")
-    df = read_table(spark, location, fmt)
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
-    if missing:
-        raise ValueError(f"{location!r} is not an imgfeat features table: missing columns {', '.join(missing)}")
-    return df
-
-
-def assign_split(images: DataFrame, cfg: Config) -> tuple[DataFrame, str]:
-    """path, image_id, label -> path, image_id, label, split, is_test by train.split_mode; returns (frame, mode used).
-
-    Keyed by ``path``: image ids are relative-path hashes, so two input folders may share one (root_a/NORMAL/1.png
-    and root_b/NORMAL/1.png); both images stay (the hash split gives them the same side).
-
-    ``hash``: within each class, images are ordered by a seeded hash of their id and the first
-    round(test_fraction x class size) are the test set: exactly stratified, independent of backbone.
-    """
-    from pyspark.sql import Window
-    from pyspark.sql import functions as F
-
-    tc = cfg.train
-    mode = tc.split_mode
-    values: set[str] = set()
-    if "split" in images.columns and mode in ("auto", "column"):
-        values = {r["split"] for r in images.select("split").distinct().collect()}
-    if mode == "column" and not {"train", "test"} <= values:
-        raise ValueError(
-            f"train.split_mode=column, but the features table's split column has {sorted(v for v in values if v) or 'no values'}; "
-            "extract with --split-mode folder/hash, or use train.split_mode=hash"
-        )
-    if mode in ("auto", "column") and {"train", "test"} <= values:
-        return images.select("path", "image_id", "label", "split").withColumn(
-            "is_test", F.when(F.col("split") == "test", True).when(F.col("split") == "train", False)
-        ), "column"
-    ranked = images.select("path", "image_id", "label").withColumn("_h", F.xxhash64(F.lit(tc.seed), F.col("image_id")))
-    by_class = Window.partitionBy("label")
-    ranked = ranked.withColumn("_rank", F.row_number().over(by_class.orderBy("_h", "image_id", "path"))).withColumn(
-        "_n", F.count("*").over(by_class)
-    )
-    is_test = F.col("_rank") <= F.round(F.col("_n") * F.lit(tc.test_fraction))
-    return ranked.select("path", "image_id", "label", F.lit(None).cast("string").alias("split"),
-                         is_test.alias("is_test")), "hash"
 
 
 def recorded_settings(rows: DataFrame, model: str, weights_id: str, location: str) -> str | None:
@@ -262,13 +214,14 @@ def _fit(spark: SparkSession, head: str, train: DataFrame, cfg: Config, labels: 
     return fitted.bestModel, params
 
 
-def _predictions(model: Any, test: DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, bool]:
-    """(true index, predicted index, class scores, scores are probabilities) for the test rows."""
+def _predictions(model: Any, test: DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, bool, Any]:
+    """(true index, predicted index, class scores, scores are probabilities, rows: path and unit) for the test
+    rows, in path order (so that two runs' predictions pair up image by image)."""
     from pyspark.ml.functions import vector_to_array
     from pyspark.sql import functions as F
 
     scored = model.transform(test)
-    cols = [F.col(LABEL_COL).alias("y"), F.col(PREDICTION_COL).alias("p")]
+    cols = ["path", "unit", F.col(LABEL_COL).alias("y"), F.col(PREDICTION_COL).alias("p")]
     if "probability" in scored.columns:
         cols.append(vector_to_array(F.col("probability")).alias("s"))
         probabilistic = True
@@ -276,10 +229,11 @@ def _predictions(model: Any, test: DataFrame) -> tuple[np.ndarray, np.ndarray, n
         cols.append(vector_to_array(F.col("rawPrediction")).alias("s"))
         probabilistic = False
     else:
-        return np.array([]), np.array([]), None, False
-    pdf = scored.select(*cols).toPandas()
+        pdf = scored.select(*cols).orderBy("path").toPandas()
+        return pdf["y"].to_numpy(), pdf["p"].to_numpy(), None, False, pdf[["path", "unit"]]
+    pdf = scored.select(*cols).orderBy("path").toPandas()
     scores = np.stack(pdf["s"].to_numpy()) if len(pdf) else None
-    return pdf["y"].to_numpy(), pdf["p"].to_numpy(), scores, probabilistic
+    return pdf["y"].to_numpy(), pdf["p"].to_numpy(), scores, probabilistic, pdf[["path", "unit"]]
 
 
 def _log_child(child_metrics: dict[str, float], report: dict[str, Any], y: np.ndarray, proba: np.ndarray | None,
@@ -309,10 +263,13 @@ def run_train(spark: SparkSession, cfg: Config) -> TrainResult:
     from pyspark.ml.functions import array_to_vector
     from pyspark.sql import functions as F
 
+    from imgfeat.train.audit import check_leakage, run_audit
     from imgfeat.train.heads import check_heads
     from imgfeat.train.metrics import classification_metrics, metric_key, scores_to_proba
     from imgfeat.train.privacy import artifact_ids, check_artifact_table, check_metadata, id_salt, set_digest
+    from imgfeat.train.split import assign_split, audit_images, labelled_images, read_features
     from imgfeat.train.tracking import model_signature, pip_requirements, tracking_uri, use_experiment
+    from imgfeat.train.uncertainty import plot_reliability
 
     started = time.time()
     tc = cfg.train
@@ -331,8 +288,7 @@ def run_train(spark: SparkSession, cfg: Config) -> TrainResult:
     if tc.positive_class is not None and tc.positive_class not in labels:
         raise ValueError(f"train.positive_class={tc.positive_class!r} is not a label of {tc.features!r}; labels: {labels}")
 
-    images = labelled.select("path", "image_id", "label", *(["split"] if "split" in table.columns else [])).dropDuplicates(["path"])
-    split, split_mode = assign_split(images, cfg)
+    split, split_mode = assign_split(labelled_images(table), cfg)
     split = split.persist(StorageLevel.MEMORY_AND_DISK)
     n_excluded_split = split.filter(F.col("is_test").isNull()).count()
     split_counts = {(r["label"], r["is_test"]): r["n"] for r in split.groupBy("label", "is_test").agg(F.count("*").alias("n")).collect()}
@@ -384,6 +340,12 @@ def run_train(spark: SparkSession, cfg: Config) -> TrainResult:
             # A model trained on a weights file must work on other machines: the file travels with the runs.
             mlflow.log_artifact(featurizer_weights, artifact_path=f"weights/{weights_id.removeprefix('sha256:')[:16]}")
             log.info("logged the %s weights file %s with the parent run", model_name, featurizer_weights)
+        audit = run_audit(audit_images(split, labelled), tc.validity.near_duplicate_bits)
+        result.audit = audit.to_dict()
+        log.info("%s", audit.summary())
+        _log_audit(audit, salt=id_salt(cfg.privacy.id_salt))
+        # A leaking split ends here, with the report logged and the parent run marked FAILED.
+        check_leakage(audit, tc.validity.allow_duplicates, tc.validity.allow_group_overlap)
         test_ids = split.filter(F.col("is_test")).select("image_id", "label").orderBy("image_id").toPandas()
         mlflow.log_param("test_set_sha256", set_digest(list(test_ids["image_id"])))
         salt = id_salt(cfg.privacy.id_salt)
@@ -394,11 +356,12 @@ def run_train(spark: SparkSession, cfg: Config) -> TrainResult:
                 listed.sort_values("test_id").to_csv(os.path.join(tmp, "test_images.csv"), index=False)
                 mlflow.log_artifact(os.path.join(tmp, "test_images.csv"))
 
+        correct: dict[str, dict[str, bool]] = {}  # run id -> test path -> prediction was right
         for model_name, weights_id in backbones:
             backbone = f"{model_name}:{weights_id[:20]}" if multi_weights else model_name
             rows = labelled.filter((F.col("model") == model_name) & (F.col("weights_id") == weights_id))
             rows = rows.dropDuplicates(["path"]).select("path", "label", array_to_vector(F.col("features")).alias(FEATURES_COL))
-            rows = indexer.transform(rows).join(split.select("path", "is_test"), on="path", how="inner")
+            rows = indexer.transform(rows).join(split.select("path", "is_test", "unit"), on="path", how="inner")
             rows = rows.filter(F.col("is_test").isNotNull())
             if class_weight:
                 weight = F.lit(1.0)
@@ -418,9 +381,13 @@ def run_train(spark: SparkSession, cfg: Config) -> TrainResult:
                 tags = {"backbone": model_name, "head": head, "dataset": dataset, "weights_id": weights_id}
                 with mlflow.start_run(run_name=f"{backbone} {head}", nested=True, tags=tags) as child:
                     fitted, head_params = _fit(spark, head, train, cfg, labels, input_dim, class_weight)
-                    y, p, scores, probabilistic = _predictions(fitted, test)
+                    y, p, scores, probabilistic, keys = _predictions(fitted, test)
                     proba = None if scores is None else (scores if probabilistic else scores_to_proba(scores))
                     metrics, report = classification_metrics(y, p, proba, labels)
+                    extra, calibration = _uncertainty(y, p, proba, labels, keys["unit"].to_numpy(), cfg)
+                    metrics.update(extra)
+                    report["calibration"] = calibration
+                    correct[child.info.run_id] = dict(zip(keys["path"], (y == p), strict=True))
                     report["scores"] = "probability" if probabilistic else "softmax of raw margins (no probabilities)"
                     child_params = {**common_params, "backbone": model_name, "weights_id": weights_id, "head": head,
                                     "feature_dim": input_dim, **{f"head_{k}": v for k, v in head_params.items()},
@@ -428,6 +395,12 @@ def run_train(spark: SparkSession, cfg: Config) -> TrainResult:
                     check_metadata(child_params, tags)  # no image content or patient fields in run metadata
                     mlflow.log_params(child_params)
                     _log_child(metrics, report, y, proba, labels, f"{backbone} / {head} on {dataset}")
+                    if calibration:
+                        import matplotlib.pyplot as plt
+
+                        fig = plot_reliability(calibration, f"{backbone} / {head} on {dataset}")
+                        mlflow.log_figure(fig, "reliability_diagram.png")
+                        plt.close(fig)
                     pipeline = PipelineModel(stages=[featurizer, fitted, converter])
                     mlflow.spark.log_model(pipeline, artifact_path="model", pip_requirements=pip_requirements(),
                                            signature=model_signature())
@@ -440,12 +413,95 @@ def run_train(spark: SparkSession, cfg: Config) -> TrainResult:
             result.best_run_id = best.run_id
             mlflow.set_tag("best_run_id", best.run_id)
             mlflow.log_metric(f"best_{tc.select_metric}", best.metrics.get(tc.select_metric, float("nan")))
+        result.paired_test = _paired_test(result.runs, correct, tc.select_metric)
+        if result.paired_test:
+            mlflow.log_dict(result.paired_test, "paired_test.json")
+            mlflow.log_metric("paired_test_p_value", result.paired_test["p_value"])
+            mlflow.set_tag("paired_test", f"{result.paired_test['a']} vs {result.paired_test['b']}: McNemar "
+                                          f"p={result.paired_test['p_value']:.4g}")
     split.unpersist()
     if tc.register and result.best_run_id:
         version = mlflow.register_model(f"runs:/{result.best_run_id}/model", tc.register)
         result.registered = {"name": tc.register, "version": str(version.version), "uri": f"models:/{tc.register}/{version.version}"}
     result.seconds = round(time.time() - started, 2)
     return result
+
+
+def _log_audit(audit: Any, salt: str | None) -> None:
+    """audit.json and audit.md on the parent run, with no file name or group id in them."""
+    import hashlib
+
+    import mlflow
+
+    from imgfeat.train.audit import redact
+    from imgfeat.train.privacy import artifact_ids
+
+    def key(text: str) -> str:
+        return artifact_ids([text], salt)[0] if salt else "group-" + hashlib.sha256(text.encode()).hexdigest()[:8]
+
+    data = redact(audit, key)
+    mlflow.log_dict(data, "audit.json")
+    mlflow.log_text(_redacted_summary(data), "audit.md")
+    mlflow.log_metrics({"audit_exact_cross_split": audit.exact_cross_split_count,
+                        "audit_near_cross_split": audit.near_cross_split_count,
+                        "audit_groups_across_splits": audit.groups_across_splits_count,
+                        "audit_exact_duplicate_images": audit.exact_duplicate_images})
+
+
+def _redacted_summary(data: dict[str, Any]) -> str:
+    lines = ["# Leakage audit", "", f"images: {data['images']}", "", "| side | label | images |", "|---|---|---|"]
+    for side, labels in sorted(data["class_balance"].items()):
+        lines += [f"| {side} | {label} | {n} |" for label, n in sorted(labels.items())]
+    lines += ["", f"- exact duplicate contents: {data['exact_duplicate_sets']} ({data['exact_duplicate_images']} images); "
+              f"across train/test: {data['exact_cross_split_count']}; with differing labels: {data['exact_cross_label_count']}",
+              f"- near duplicate pairs (<= {data['near_duplicate_bits']} bits): {data['near_duplicate_pairs']}; across "
+              f"train/test: {data['near_cross_split_count']}; with differing labels: {data['near_cross_label_count']}",
+              f"- groups: {data['groups']}; on both sides: {data['groups_across_splits_count']}",
+              "", "Files are named by the first 12 hex digits of their content's SHA-256 (look them up in the features "
+              "table's content_sha256); `imgfeat audit` prints their paths."]
+    return "\n".join(lines) + "\n"
+
+
+def _uncertainty(y: np.ndarray, p: np.ndarray, proba: np.ndarray | None, labels: list[str], units: np.ndarray,
+                 cfg: Config) -> tuple[dict[str, float], dict[str, Any] | None]:
+    """Bootstrap intervals, calibration error and (binary) the operating point at the target sensitivity."""
+    from imgfeat.train.metrics import metric_key
+    from imgfeat.train.uncertainty import bootstrap_intervals, calibration, operating_point
+
+    v = cfg.train.validity
+    out: dict[str, float] = {}
+    if v.bootstrap_resamples and len(y):
+        out.update(bootstrap_intervals(y, p, proba, labels, units, v.bootstrap_resamples, v.confidence, cfg.train.seed,
+                                       metric_key=metric_key))
+    if proba is None or not len(y):
+        return out, None
+    cal = calibration(y, proba, v.calibration_bins)
+    out["test_ece"] = cal["ece"]
+    if len(labels) == 2:
+        positive = labels.index(cfg.train.positive_class) if cfg.train.positive_class in labels else 1
+        point = operating_point(y == positive, np.asarray(proba)[:, positive], v.target_sensitivity)
+        if point:
+            out["test_threshold_at_target_sensitivity"] = point["threshold"]
+            out["test_sensitivity_at_target"] = point["sensitivity"]
+            out["test_specificity_at_target_sensitivity"] = point["specificity"]
+    return out, cal
+
+
+def _paired_test(runs: list[ChildRun], correct: dict[str, dict[str, bool]], metric: str) -> dict[str, Any] | None:
+    """McNemar between the best two runs on the test images they share."""
+    from imgfeat.train.uncertainty import mcnemar
+
+    ranked = sorted((r for r in runs if metric in r.metrics and r.metrics[metric] == r.metrics[metric]),
+                    key=lambda r: (r.metrics[metric], r.metrics.get("test_accuracy", 0.0)), reverse=True)
+    if len(ranked) < 2:
+        return None
+    a, b = ranked[0], ranked[1]
+    shared = sorted(set(correct.get(a.run_id, {})) & set(correct.get(b.run_id, {})))
+    if not shared:
+        return None
+    test = mcnemar(np.array([correct[a.run_id][k] for k in shared]), np.array([correct[b.run_id][k] for k in shared]))
+    return {"a": f"{a.backbone}/{a.head}", "b": f"{b.backbone}/{b.head}", "a_run_id": a.run_id, "b_run_id": b.run_id,
+            "images": len(shared), "test": "exact McNemar on paired correctness", **test}
 
 
 def _weights_files(backbones: list[tuple[str, str]], cfg: Config) -> dict[tuple[str, str], str]:

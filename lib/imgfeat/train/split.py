@@ -1,0 +1,141 @@
+"""Reading a features table and splitting its images into train and test (grouped, duplicates kept together).
+
+The split is made once per ``train`` call and shared by every backbone and head, so their results compare;
+``audit_table`` runs the leakage report on exactly the split ``train`` would use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from imgfeat.config import Config
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+REQUIRED_COLUMNS = ("image_id", "path", "label", "features", "model", "weights_id")
+# Columns that help the split and the audit when the table has them.
+OPTIONAL_COLUMNS = ("split", "group_id", "content_sha256")
+
+
+def table_format(spark: SparkSession, location: str, requested: str) -> str:
+    """``auto``: delta when the location is a Delta table (or a table name), else parquet."""
+    from imgfeat.store.tables import _hadoop_fs, is_table_name
+
+    if requested != "auto":
+        return requested
+    if is_table_name(location):
+        return "delta"
+    fs, jpath = _hadoop_fs(spark, location)
+    return "delta" if fs.exists(jpath.suffix("/_delta_log")) else "parquet"
+
+
+def read_features(spark: SparkSession, cfg: Config) -> DataFrame:
+    """The features table, checked for the columns training needs."""
+    from imgfeat.store.tables import read_table, table_exists
+
+    location = cfg.train.features
+    if not location:
+        raise ValueError("no features table: pass --features PATH (or set train.features), the --output of extract")
+    fmt = table_format(spark, location, cfg.output.format)
+    if not table_exists(spark, location, fmt):
+        raise FileNotFoundError(f"features table {location!r} ({fmt}) does not exist or is empty; run `imgfeat extract` first")
+    df = read_table(spark, location, fmt)
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"{location!r} is not an imgfeat features table: missing columns {', '.join(missing)}")
+    return df
+
+
+def split_units(images: DataFrame) -> DataFrame:
+    """``unit``: what must stay on one side of a split. An image's group (patient) when it has one, else itself;
+    then images with the same content are merged into one unit, and their units with them (two passes of
+    min-propagation: exact duplicates and the groups they link end up together)."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    has_group = "group_id" in images.columns
+    unit = F.coalesce(F.concat(F.lit("group:"), F.col("group_id")), F.col("image_id")) if has_group else F.col("image_id")
+    images = images.withColumn("unit", unit)
+    if "content_sha256" in images.columns:
+        same_content = Window.partitionBy(F.coalesce(F.col("content_sha256"), F.col("path")))
+        for _ in range(2):
+            images = images.withColumn("unit", F.min("unit").over(same_content))
+            images = images.withColumn("unit", F.min("unit").over(Window.partitionBy(unit)))
+    return images
+
+
+def assign_split(images: DataFrame, cfg: Config) -> tuple[DataFrame, str]:
+    """path, image_id, label[, split, group_id, content_sha256] -> path, image_id, label, split, is_test, unit, by
+    train.split_mode; returns (frame, mode used).
+
+    Keyed by ``path``: image ids are relative-path hashes, so two input folders may share one (root_a/NORMAL/1.png
+    and root_b/NORMAL/1.png); both images stay.
+
+    ``hash``: split units (``split_units``: groups, merged with exact duplicates) are ordered by a seeded hash
+    within their class, and units go to the test set until it holds round(test_fraction x class size) images:
+    exactly stratified without groups, as nearly as the groups allow with them, every unit on one side, and
+    independent of backbone and head.
+    """
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    tc = cfg.train
+    mode = tc.split_mode
+    values: set[str] = set()
+    if "split" in images.columns and mode in ("auto", "column"):
+        values = {r["split"] for r in images.select("split").distinct().collect()}
+    if mode == "column" and not {"train", "test"} <= values:
+        raise ValueError(
+            f"train.split_mode=column, but the features table's split column has {sorted(v for v in values if v) or 'no values'}; "
+            "extract with --split-mode folder/hash, or use train.split_mode=hash"
+        )
+    images = split_units(images)
+    if mode in ("auto", "column") and {"train", "test"} <= values:
+        return images.select("path", "image_id", "label", "split", "unit").withColumn(
+            "is_test", F.when(F.col("split") == "test", True).when(F.col("split") == "train", False)
+        ), "column"
+    # One class per unit (its most frequent label) so that a unit is never split between classes' quotas.
+    per_unit = images.groupBy("unit", "label").agg(F.count("*").alias("_k"))
+    unit_class = per_unit.withColumn(
+        "_r", F.row_number().over(Window.partitionBy("unit").orderBy(F.desc("_k"), "label"))
+    ).filter(F.col("_r") == 1).select("unit", F.col("label").alias("_class"))
+    sizes = images.groupBy("unit").agg(F.count("*").alias("_size"))
+    units = unit_class.join(sizes, on="unit", how="inner").withColumn("_h", F.xxhash64(F.lit(tc.seed), F.col("unit")))
+    by_class = Window.partitionBy("_class")
+    ordered = by_class.orderBy("_h", "unit").rowsBetween(Window.unboundedPreceding, Window.currentRow)
+    units = units.withColumn("_before", F.sum("_size").over(ordered) - F.col("_size")).withColumn(
+        "_n", F.sum("_size").over(by_class))
+    units = units.withColumn("is_test", F.col("_before") < F.round(F.col("_n") * F.lit(tc.test_fraction)))
+    split = images.select("path", "image_id", "label", "unit").join(units.select("unit", "is_test"), on="unit", how="inner")
+    return split.select("path", "image_id", "label", F.lit(None).cast("string").alias("split"), "is_test", "unit"), "hash"
+
+
+def labelled_images(table: DataFrame) -> DataFrame:
+    """One row per labelled image (path), with the columns the split uses."""
+    from pyspark.sql import functions as F
+
+    optional = [c for c in OPTIONAL_COLUMNS if c in table.columns]
+    return table.filter(F.col("label").isNotNull()).select("path", "image_id", "label", *optional).dropDuplicates(["path"])
+
+
+def audit_images(split: DataFrame, table: DataFrame) -> DataFrame:
+    """The audit's input: one row per image with its side of ``split`` and its fingerprints and group."""
+    from pyspark.sql import functions as F
+
+    extra = [c for c in ("rel_path", "group_id", "content_sha256", "phash") if c in table.columns]
+    info = table.select("path", *extra).dropDuplicates(["path"])
+    side = F.when(F.col("is_test"), "test").when(~F.col("is_test"), "train")
+    images = split.select("path", "label", side.alias("side")).join(info, on="path", how="left")
+    return images if "rel_path" in images.columns else images.withColumn("rel_path", F.col("path"))
+
+
+def audit_table(spark: SparkSession, cfg: Config) -> Any:
+    """``imgfeat audit``: the leakage report of ``train.features`` on the split ``train`` would make."""
+    from imgfeat.train.audit import run_audit
+
+    table = read_features(spark, cfg)
+    split, mode = assign_split(labelled_images(table), cfg)
+    report = run_audit(audit_images(split, table), cfg.train.validity.near_duplicate_bits)
+    report.split_mode = mode
+    return report
