@@ -14,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--features", help="features table written by `imgfeat extract` (its --output)")
     p.add_argument("--split-mode", choices=["auto", "column", "hash"], help="the split to audit, as for train (default auto)")
     p.add_argument("--test-fraction", type=float, help="test share per class for the hash split (default 0.2)")
-    p.add_argument("--near-duplicate-bits", type=int, help="perceptual hashes this many bits apart are near duplicates (4)")
+    p.add_argument("--near-duplicate-bits", type=int, help="perceptual hashes this many bits apart are near duplicates (12 of 256)")
     p.add_argument("--format", choices=["auto", "delta", "parquet"], help="format of the features table (default auto)")
 
 

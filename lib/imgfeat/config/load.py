@@ -120,7 +120,7 @@ def _validate(cfg: Config) -> None:
          "train.validity.bootstrap_resamples must be 0 (no intervals) or >= 100"),
         (0.5 < cfg.train.validity.confidence < 1.0, "train.validity.confidence must be in (0.5, 1)"),
         (0.0 < cfg.train.validity.target_sensitivity < 1.0, "train.validity.target_sensitivity must be in (0, 1)"),
-        (0 <= cfg.train.validity.near_duplicate_bits <= 16, "train.validity.near_duplicate_bits must be in 0..16"),
+        (0 <= cfg.train.validity.near_duplicate_bits <= 63, "train.validity.near_duplicate_bits must be in 0..63"),
         (cfg.train.validity.calibration_bins >= 2, "train.validity.calibration_bins must be >= 2"),
         (
             cfg.input.label.mode != "manifest" or bool(cfg.input.label.manifest),

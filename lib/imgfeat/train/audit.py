@@ -1,9 +1,9 @@
 """The leakage report: duplicates and groups across splits, class balance, labels that disagree.
 
 Input: one row per image (path, rel_path, label, side = train | test | null, group_id, content_sha256, phash).
-Exact duplicates share the SHA-256 of their bytes; near duplicates have perceptual hashes at most
-``near_duplicate_bits`` apart, found with banding (pigeonhole: two 64-bit hashes within d bits share at least
-one of d + 1 equal bands), so the comparison never pairs every image with every other. Runs in Spark; only the
+Exact duplicates share the SHA-256 of their bytes; near duplicates have perceptual hashes (256 bits) at most
+``near_duplicate_bits`` apart, found with banding (pigeonhole: two hashes within d bits agree on at least one of
+d + 1 bands), so the comparison never pairs every image with every other. Runs in Spark; only the
 findings (capped lists) come to the driver.
 """
 
@@ -41,7 +41,7 @@ class AuditReport:
     groups: int = 0
     groups_across_splits: list[dict[str, Any]] = field(default_factory=list)
     groups_across_splits_count: int = 0
-    near_duplicate_bits: int = 4
+    near_duplicate_bits: int = 12
     fingerprints: bool = True  # False: the table predates content hashes (no duplicate checks)
     split_mode: str = ""  # how the audited split was made (column | hash)
 
@@ -63,7 +63,7 @@ class AuditReport:
                 f"images; {self.exact_cross_split_count} across train/test, {self.exact_cross_label_count} with "
                 f"differing labels")
             lines.append(
-                f"[imgfeat]   near duplicates (<= {self.near_duplicate_bits} of 64 bits): {self.near_duplicate_pairs} "
+                f"[imgfeat]   near duplicates (<= {self.near_duplicate_bits} of 256 bits): {self.near_duplicate_pairs} "
                 f"pairs; {self.near_cross_split_count} across train/test, {self.near_cross_label_count} with differing labels")
         lines.append(f"[imgfeat]   groups: {self.groups}; {self.groups_across_splits_count} on both sides of the split")
         for title, items in (("exact duplicates across train/test", self.exact_cross_split),
@@ -85,23 +85,30 @@ def describe(item: dict[str, Any]) -> str:
             f"{', '.join(s or 'none' for s in item['sides'])})")
 
 
+HASH_HEX = 64  # 256-bit perceptual hashes (imgfeat.io.fingerprints)
+
+
 def _bands(bits: int) -> tuple[int, int]:
     """(number of bands, hex characters per band) so that hashes within ``bits`` share a band."""
     for chars in (4, 2, 1):
-        if 16 // chars > bits:
-            return 16 // chars, chars
-    raise ValueError("near_duplicate_bits must be at most 15")
+        if HASH_HEX // chars > bits:
+            return HASH_HEX // chars, chars
+    raise ValueError(f"near_duplicate_bits must be below {HASH_HEX}")
 
 
-def _hash_halves(prefix: str) -> list[Any]:
+def _distance(a: str, b: str) -> Any:
+    """Bits that differ between the hex hashes in columns ``a`` and ``b`` (32-bit chunks, popcount of the XOR)."""
     from pyspark.sql import functions as F
 
-    col = F.col(f"{prefix}phash")
-    return [F.conv(F.substring(col, 1, 8), 16, 10).cast("long").alias(f"{prefix}hi"),
-            F.conv(F.substring(col, 9, 8), 16, 10).cast("long").alias(f"{prefix}lo")]
+    total = F.lit(0)
+    for start in range(1, HASH_HEX + 1, 8):
+        x = F.conv(F.substring(F.col(a), start, 8), 16, 10).cast("long")
+        y = F.conv(F.substring(F.col(b), start, 8), 16, 10).cast("long")
+        total = total + F.bit_count(x.bitwiseXOR(y))
+    return total
 
 
-def run_audit(images: DataFrame, near_duplicate_bits: int = 4) -> AuditReport:
+def run_audit(images: DataFrame, near_duplicate_bits: int = 12) -> AuditReport:
     """Audit ``images`` (one row per image; see the module docstring)."""
     from pyspark.sql import functions as F
 
@@ -171,8 +178,7 @@ def _near(images: DataFrame, report: AuditReport, bits: int) -> None:
         a.join(b, on=["band", "value"], how="inner")
         .filter((F.col("a_path") < F.col("b_path")) & (F.col("a_content_sha256") != F.col("b_content_sha256")))
         .drop("band", "value").dropDuplicates(["a_path", "b_path"])
-        .select("*", *_hash_halves("a_"), *_hash_halves("b_"))
-        .withColumn("bits", F.bit_count(F.col("a_hi").bitwiseXOR(F.col("b_hi"))) + F.bit_count(F.col("a_lo").bitwiseXOR(F.col("b_lo"))))
+        .withColumn("bits", _distance("a_phash", "b_phash"))
         .filter(F.col("bits") <= bits)
         .withColumn("crosses_split", (F.col("a_side") != F.col("b_side")) & F.col("a_side").isNotNull() & F.col("b_side").isNotNull())
         .withColumn("crosses_label", ~F.col("a_label").eqNullSafe(F.col("b_label")))
