@@ -197,3 +197,25 @@ def test_every_logged_metric_has_an_interval_and_compare_ranks_ties(spark, sampl
     table = run_compare(load_config(sets=sets))
     assert all(table[f"{c}_ci"].str.match(r"^\d\.\d{3}-\d\.\d{3}$").all() for c in ("accuracy", "f1_macro", "auc"))
     assert table["rank"].iloc[0] == 1 and table.attrs["paired_test"].startswith(f"{result.paired_test['a']} vs")
+    assert table["specificity_at_target_sensitivity"].between(0, 1).all() and table["ece"].between(0, 1).all()
+
+
+def test_groups_from_a_manifest_column(spark, tmp_path):
+    from imgfeat.featurize.extract import run_extract
+
+    rng = np.random.default_rng(5)
+    root = tmp_path / "img"
+    lines = ["path,label,patient"]
+    for i in range(12):
+        name = f"scan_{i:03d}.png"
+        _write(str(root / name), realistic_xray_array(rng, (64, 64), sick=i % 2 == 1), "rgb_png")
+        lines.append(f"{name},{'PNEUMONIA' if i % 2 else 'NORMAL'},P{i // 4}")  # 3 patients, 4 scans each
+    manifest = tmp_path / "labels.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    features = str(tmp_path / "features")
+    run_extract(spark, tiny_config(str(root), features, f"input.label.manifest={manifest}",
+                                   "input.split.group=manifest_column", "input.split.group_column=patient",
+                                   "input.split.mode=hash", "input.split.test_fraction=0.4"))
+    table = spark.read.parquet(features).toPandas()
+    assert sorted(table["group_id"].unique()) == ["P0", "P1", "P2"]
+    assert (table.groupby("group_id")["split"].nunique() == 1).all() and set(table["label"]) == {"NORMAL", "PNEUMONIA"}

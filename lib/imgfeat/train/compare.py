@@ -26,7 +26,8 @@ def latest_parent_run(client: Any, experiment_id: str) -> Any:
 
 def comparison_table(children: list[Any], positive: str, sort_by: str = "test_f1_macro") -> pd.DataFrame:
     """One row per child run: rank | backbone | head | accuracy | precision/recall/F1 of ``positive`` | macro F1 |
-    kappa | AUC, each with its bootstrap interval (``<column>_ci``), best first.
+    kappa | AUC, each with its bootstrap interval (``<column>_ci``), then the specificity at the target
+    sensitivity (binary) and the calibration error, best first.
 
     ``rank``: runs whose intervals of ``sort_by`` overlap the interval of the best run of their rank share it
     (a tie: the data cannot tell them apart); the next run whose interval lies wholly below starts the next rank.
@@ -47,6 +48,9 @@ def comparison_table(children: list[Any], positive: str, sort_by: str = "test_f1
             row[column] = m.get(name)
             low, high = m.get(f"{name}_ci_low"), m.get(f"{name}_ci_high")
             row[f"{column}_ci"] = f"{low:.3f}-{high:.3f}" if low is not None and high is not None else ""
+        # Binary: the specificity left at the target sensitivity (train.validity.target_sensitivity).
+        row["specificity_at_target_sensitivity"] = m.get("test_specificity_at_target_sensitivity")
+        row["ece"] = m.get("test_ece")
         row.update({"run_id": run.info.run_id, "_sort": m.get(sort_by), "_low": m.get(f"{sort_by}_ci_low"),
                     "_high": m.get(f"{sort_by}_ci_high")})
         rows.append(row)
