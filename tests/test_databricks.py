@@ -430,7 +430,10 @@ def test_wheel_builds_and_contains_imgfeat_not_the_tests(tmp_path):
 def test_make_dist_packs_a_separate_env_and_leaves_the_dev_env_alone():
     plan = subprocess.run(["make", "-n", "dist"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert "-m build --wheel" in plan and "venv_pack" in plan and "dist/imgfeat-env.tar.gz" in plan
-    installs = [line for line in plan.splitlines() if "pip install" in line]
+    lines = plan.splitlines()
+    # (in a checkout without .venv, `make -n` first lists the setup of .venv itself: dist starts at its build)
+    after_build = lines[next(i for i, line in enumerate(lines) if "-m build --wheel" in line):]
+    installs = [line for line in after_build if "pip install" in line]
     assert installs and all(line.startswith("build/dist-env/bin/python") for line in installs), installs
 
 

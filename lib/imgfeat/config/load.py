@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from typing import Any, Literal
 
@@ -113,9 +114,16 @@ def _validate(cfg: Config) -> None:
          "input.split.group=regex needs input.split.group_pattern (a regex with one group, or kermany | nih)"),
         (cfg.input.split.group != "manifest_column" or bool(cfg.input.split.group_column and cfg.input.label.manifest),
          "input.split.group=manifest_column needs input.split.group_column and input.label.manifest"),
-        (cfg.input.split.group != "patient_key",
-         "input.split.group=patient_key needs the DICOM patient key, which comes with DICOM input (not yet "
-         "supported); use group=regex with a group_pattern, or group=manifest_column"),
+        (cfg.input.split.group != "patient_key" or bool(cfg.privacy.id_salt or os.environ.get("IMGFEAT_ID_SALT")),
+         "input.split.group=patient_key needs a secret to key PatientID with: set privacy.id_salt or $IMGFEAT_ID_SALT "
+         "(the raw PatientID is never stored)"),
+        (cfg.input.label.mode != "dicom_tag" or bool(cfg.input.label.dicom_tag),
+         "input.label.mode=dicom_tag needs input.label.dicom_tag (a DICOM keyword, e.g. StudyDescription)"),
+        (re.fullmatch(r"auto|none|lung|mediastinum|bone|-?[\d.]+\s*,\s*[\d.]+", cfg.preprocess.dicom.window.strip().lower()) is not None,
+         f"preprocess.dicom.window={cfg.preprocess.dicom.window!r}: use auto, none, lung, mediastinum, bone or C,W "
+         "(centre, width in modality units, e.g. -600,1500)"),
+        (re.fullmatch(r"middle|mip|slices:[1-9]\d*", cfg.preprocess.volume.strip().lower()) is not None,
+         f"preprocess.volume={cfg.preprocess.volume!r}: use middle, mip or slices:N (N >= 1)"),
         (cfg.train.validity.bootstrap_resamples == 0 or cfg.train.validity.bootstrap_resamples >= 100,
          "train.validity.bootstrap_resamples must be 0 (no intervals) or >= 100"),
         (0.5 < cfg.train.validity.confidence < 1.0, "train.validity.confidence must be in (0.5, 1)"),

@@ -17,12 +17,14 @@ class ConfigError(ValueError):
 @dataclass
 class LabelConfig:
     # auto: manifest when input.label.manifest is given, else folder; folder: a folder name; manifest: a CSV;
-    # none: no labels (scoring).
-    mode: Literal["auto", "folder", "manifest", "none"] = "auto"
+    # dicom_tag: a DICOM attribute of each file (input.label.dicom_tag); none: no labels (scoring).
+    mode: Literal["auto", "folder", "manifest", "dicom_tag", "none"] = "auto"
     # 1 = the image's parent folder (root/CLASS/img.jpg), 2 = the folder above that, ...
     folder_level: int = 1
     # CSV with header "path,label" (path absolute, or relative to input.path); implies mode=manifest.
     manifest: str | None = None
+    # mode=dicom_tag: the DICOM attribute keyword whose value is the label (e.g. StudyDescription, BodyPartExamined).
+    dicom_tag: str | None = None
 
     @property
     def effective_mode(self) -> str:
@@ -54,8 +56,11 @@ class SplitConfig:
 class InputConfig:
     path: str | None = None
     extensions: list[str] = field(
-        default_factory=lambda: ["jpg", "jpeg", "png", "bmp", "tif", "tiff", "gif", "webp"]
+        default_factory=lambda: ["jpg", "jpeg", "png", "bmp", "tif", "tiff", "gif", "webp", "dcm", "dicom", "nii", "nii.gz"]
     )
+    # Files without an extension (PACS exports): listed as images (non-DICOM ones end in the errors table as
+    # not_an_image) or ignored like other files.
+    extensionless: Literal["include", "ignore"] = "include"
     # Files larger than this are not read; they go to the errors table as too_large.
     max_file_bytes: int = 256 * 1024 * 1024
     label: LabelConfig = field(default_factory=LabelConfig)
@@ -74,6 +79,13 @@ class ModelConfig:
 
 
 @dataclass
+class DicomConfig:
+    # auto: the file's VOI LUT / Window Centre+Width, else its value range | none: the value range | C,W: centre and
+    # width in modality units (HU for CT), e.g. -600,1500 | lung | mediastinum | bone (CT presets).
+    window: str = "auto"
+
+
+@dataclass
 class PreprocessConfig:
     # Model input size in pixels; 0 = the backbone's own (224 for resnet50, 299 for inception_v3).
     image_size: int = 0
@@ -89,8 +101,12 @@ class PreprocessConfig:
     jpeg_draft: bool = True
     # Only these formats (as detected from the bytes) are decoded; others -> unsupported_format.
     formats: list[str] = field(
-        default_factory=lambda: ["JPEG", "PNG", "BMP", "TIFF", "GIF", "WEBP", "MPO"]
+        default_factory=lambda: ["JPEG", "PNG", "BMP", "TIFF", "GIF", "WEBP", "MPO", "DICOM", "NIFTI"]
     )
+    dicom: DicomConfig = field(default_factory=DicomConfig)
+    # Volumes (multi-frame DICOM, NIfTI): middle (the middle axial slice) | mip (maximum intensity projection) |
+    # slices:N (N evenly spaced axial slices, one row each, with slice_index).
+    volume: str = "middle"
 
 
 @dataclass

@@ -190,3 +190,121 @@ def make_samples(
     with open(os.path.join(root, classes[0], ".hidden.jpg"), "wb") as fh:
         fh.write(b"hidden files are skipped")
     return SampleSet(os.path.abspath(root), count, bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# DICOM and NIfTI (written with pydicom and nibabel; the tests and the demo read them back)
+
+DICOM_KINDS = ("mono2_16bit", "mono1_12bit_rescaled", "ct_hu", "jpeg_baseline", "rle", "jpeg2000")
+
+
+def _dicom_dataset(pixels: np.ndarray, photometric: str = "MONOCHROME2", bits_stored: int = 16, signed: bool = False,
+                   modality: str = "DX", patient_id: str = "PAT-0001", **attrs: object):
+    """An uncompressed DICOM dataset (Secondary Capture / CT) holding ``pixels`` (rows x columns [x 3])."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage if modality == "CT" else SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.PatientID, ds.PatientName, ds.PatientBirthDate = patient_id, "Doe^Jane", "19700101"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality = modality
+    ds.BodyPartExamined, ds.ViewPosition = ("CHEST", "PA") if modality != "CT" else ("CHEST", "")
+    ds.PixelSpacing = [0.143, 0.143]
+    frames = pixels.shape[0] if pixels.ndim == 3 and photometric != "RGB" else 1
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    ds.Rows, ds.Columns = pixels.shape[-2:] if photometric != "RGB" else pixels.shape[:2]
+    ds.SamplesPerPixel = 3 if photometric == "RGB" else 1
+    if photometric == "RGB":
+        ds.PlanarConfiguration = 0
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = 8 if pixels.dtype.itemsize == 1 else 16
+    ds.BitsStored, ds.HighBit = bits_stored, bits_stored - 1
+    ds.PixelRepresentation = 1 if signed else 0
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    return ds
+
+
+def dicom_bytes(ds) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def make_dicom(kind: str, rng: np.random.Generator, size: int = 96, sick: bool = False, patient_id: str = "PAT-0001"):
+    """A DICOM dataset of ``kind`` (DICOM_KINDS, or ct_volume: 9 frames) with an X-ray-like (or CT-like) image."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, RLELossless
+
+    x = xray_array(rng, (size, size), sick)  # 0..1, bright bone, dark lungs
+    if kind == "mono2_16bit":
+        return _dicom_dataset((x * 4095).astype(np.uint16), bits_stored=12, patient_id=patient_id)
+    if kind == "mono1_12bit_rescaled":
+        # MONOCHROME1: high values are dark. Stored 12 bits in 16, with a rescale to the modality's units.
+        stored = ((1 - x) * 4095).astype(np.uint16)
+        return _dicom_dataset(stored, "MONOCHROME1", 12, patient_id=patient_id, RescaleSlope=0.5, RescaleIntercept=-100)
+    if kind in ("ct_hu", "ct_volume"):
+        # Signed CT: air -1000 HU, lung ~-800..-500, soft tissue ~40, bone ~700; stored = HU + 1024 via the rescale.
+        hu = np.where(x < 0.3, -800 + 600 * x, -100 + 900 * (x - 0.3)).astype(np.float64)
+        frames = 9 if kind == "ct_volume" else 1
+        volume = np.stack([hu + 10 * k for k in range(frames)]) if frames > 1 else hu
+        stored = np.round(volume + 1024).astype(np.int16)
+        return _dicom_dataset(stored, bits_stored=12, signed=True, modality="CT", patient_id=patient_id,
+                              RescaleSlope=1, RescaleIntercept=-1024, WindowCenter=-600, WindowWidth=1500)
+    if kind == "jpeg_baseline":
+        gray8 = (x * 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(gray8, "L").save(buf, "JPEG", quality=92)
+        ds = _dicom_dataset(gray8, bits_stored=8, patient_id=patient_id)
+        ds.PixelData = encapsulate([buf.getvalue()])
+        ds["PixelData"].VR = "OB"
+        ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+        ds.LossyImageCompression = "01"
+        return ds
+    if kind in ("rle", "jpeg2000"):
+        ds = _dicom_dataset((x * 4095).astype(np.uint16), bits_stored=12, patient_id=patient_id)
+        ds.compress(RLELossless if kind == "rle" else JPEG2000Lossless)
+        return ds
+    raise ValueError(f"unknown DICOM kind {kind!r}; known: {', '.join(DICOM_KINDS)}, ct_volume")
+
+
+def nifti_bytes(volume: np.ndarray, affine: np.ndarray | None = None, gz: bool = True) -> bytes:
+    """A NIfTI-1 file (gzip-compressed by default) of ``volume`` with ``affine`` (default: 1 mm RAS)."""
+    import gzip
+
+    import nibabel as nib
+
+    image = nib.Nifti1Image(volume, np.eye(4) if affine is None else affine)
+    raw = image.to_bytes()
+    return gzip.compress(raw) if gz else raw
+
+
+def make_medical_samples(root: str, per_kind: int = 2, seed: int = 0) -> dict[str, list[str]]:
+    """DICOMs of every kind (NORMAL/PNEUMONIA alternate), a CT volume and a NIfTI volume; paths by kind."""
+    rng = np.random.default_rng(seed)
+    written: dict[str, list[str]] = {}
+    for kind in (*DICOM_KINDS, "ct_volume"):
+        for i in range(per_kind):
+            cls = CLASSES[i % 2]
+            folder = os.path.join(root, cls)
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.join(folder, f"{kind}_{i:02d}.dcm")
+            with open(path, "wb") as fh:
+                fh.write(dicom_bytes(make_dicom(kind, rng, sick=cls == "PNEUMONIA", patient_id=f"PAT-{i:04d}")))
+            written.setdefault(kind, []).append(path)
+    for i in range(per_kind):
+        cls = CLASSES[i % 2]
+        volume = np.stack([xray_array(rng, (48, 40), cls == "PNEUMONIA") * 1000 for _ in range(7)], axis=2)
+        path = os.path.join(root, cls, f"volume_{i:02d}.nii.gz")
+        with open(path, "wb") as fh:
+            fh.write(nifti_bytes(volume.astype(np.float32)))
+        written.setdefault("nifti", []).append(path)
+    return written

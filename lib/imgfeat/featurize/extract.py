@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FINGERPRINT = ["file_length", "file_modification_time"]
+# DICOM / NIfTI metadata columns (null for photographic formats); no patient identifier, only patient_key.
+METADATA = ["modality", "study_uid", "series_uid", "body_part", "view_position", "pixel_spacing", "rows", "columns",
+            "bits_stored", "photometric", "patient_key"]
 
 
 @dataclass
@@ -30,7 +33,7 @@ class ExtractResult:
     ignored_other_files: int  # files with other extensions (not images)
     already_done: int  # skipped: already in the features or errors table with the same fingerprint
     processed: int  # files handled by this run (= featurized + failed)
-    featurized: int
+    featurized: int  # files (a volume counts once; see feature_rows)
     failed: int
     replaced: int  # changed files whose old rows were replaced
     features_path: str
@@ -47,6 +50,7 @@ class ExtractResult:
     unlabelled: int = 0
     manifest_unmatched: int = 0
     ungrouped: int = 0  # grouped split: images whose group was not found (each is its own group)
+    feature_rows: int = 0  # rows written to the features table: one per 2D image, one per selected slice
 
     def summary(self) -> str:
         warnings = ""
@@ -62,6 +66,7 @@ class ExtractResult:
             f"[imgfeat] extract {self.model} ({self.weights_id[:40]}): listed {self.listed} image files "
             f"({self.ignored_other_files} other files ignored); {self.already_done} already done; "
             f"processed {self.processed} = featurized {self.featurized} + failed {self.failed}"
+            f"{f' ({self.feature_rows} feature rows: volumes give one per slice)' if self.feature_rows > self.featurized else ''}"
             f"{f' ({self.replaced} changed files replaced)' if self.replaced else ''} in {self.seconds:.1f}s\n"
             f"[imgfeat]   features ({self.format}): {self.features_path}\n"
             f"[imgfeat]   errors   ({self.format}): {self.errors_path}"
@@ -82,6 +87,8 @@ def decode_options(cfg: Config, size: int | None = None) -> DecodeOptions:
         max_pixels=p.max_pixels,
         jpeg_draft=p.jpeg_draft,
         formats=tuple(f.upper() for f in p.formats),
+        dicom_window=p.dicom.window,
+        volume=p.volume,
     )
 
 
@@ -94,18 +101,24 @@ def broadcast_weights(spark: SparkSession, source: WeightsSource) -> Any:
 def featurize_contents(
     contents: DataFrame, spec: FeaturizeSpec, weights_broadcast: Any, accumulators: dict | None = None
 ) -> DataFrame:
-    """Add the UDF's result columns (features or error) to a DataFrame with a ``content`` column."""
+    """Add the UDF's result columns (features or error) to a DataFrame with a ``content`` column: one row per 2D
+    image or per selected slice of a volume (``slice_index``), one row per file that failed."""
     from pyspark.sql import functions as F
 
-    from imgfeat.featurize.udf import RESULT_FIELDS, featurize_udf
+    from imgfeat.featurize.udf import RESULT_FIELDS, SLICE_FIELDS, featurize_udf
 
     udf = featurize_udf(spec, weights_broadcast, accumulators)
     with_result = contents.withColumn("_r", udf(F.col("content"))).drop("content")
-    return with_result.select("*", *[F.col(f"_r.{f}").alias(f) for f in RESULT_FIELDS]).drop("_r")
+    keep = [c for c in with_result.columns if c != "_r"]
+    per_file = [F.col(f"_r.{f}").alias(f) for f in RESULT_FIELDS if f not in SLICE_FIELDS]
+    exploded = with_result.select("*", F.posexplode_outer("_r.features").alias("_pos", "features"))
+    per_slice = [F.element_at(F.col(f"_r.{f}"), F.col("_pos") + 1).alias(f) for f in SLICE_FIELDS if f != "features"]
+    return exploded.select(*keep, *per_file, "features", *per_slice)
 
 
 def featurize_spec(spark: SparkSession, cfg: Config, source: WeightsSource) -> FeaturizeSpec:
     from imgfeat.featurize.udf import FeaturizeSpec
+    from imgfeat.io.groups import id_salt
     from imgfeat.session import tf_threads_for
 
     return FeaturizeSpec(
@@ -118,6 +131,8 @@ def featurize_spec(spark: SparkSession, cfg: Config, source: WeightsSource) -> F
         mixed_precision=cfg.inference.mixed_precision,
         decode_threads=cfg.inference.decode_threads,
         float16_column=cfg.output.float16_column,
+        secret=id_salt(cfg.privacy.id_salt),
+        label_tag=cfg.input.label.dicom_tag if cfg.input.label.effective_mode == "dicom_tag" else None,
     )
 
 
@@ -192,6 +207,21 @@ def existing_keys(spark: SparkSession, cfg: Config, fmt: str, weights_id: str, m
     return keys.filter((F.col("model") == model) & (F.col("weights_id") == weights_id)).dropDuplicates(
         ["path", *FINGERPRINT]
     )
+
+
+def with_decoded_attributes(rows: DataFrame, cfg: Config) -> DataFrame:
+    """What is only known once a file is read: dicom_tag labels, and patient_key groups (and their hash split)."""
+    from pyspark.sql import functions as F
+
+    from imgfeat.io.listing import hash_split
+
+    if cfg.input.label.effective_mode == "dicom_tag":
+        rows = rows.withColumn("label", F.coalesce(F.col("label"), F.col("label_value")))
+    if cfg.input.split.group == "patient_key":
+        rows = rows.withColumn("group_id", F.col("patient_key"))
+        if cfg.input.split.mode == "hash":
+            rows = rows.withColumn("split", hash_split(cfg))
+    return rows
 
 
 def check_recorded_settings(spark: SparkSession, cfg: Config, fmt: str, model: str, weights_id: str, wanted: str) -> None:
@@ -308,7 +338,7 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
         F.current_timestamp().alias("extracted_at"),
         F.lit(settings).alias("preprocess"),
     ]
-    featurized = failed = 0
+    featurized = failed = feature_rows_written = 0
     stages = {"list_and_plan": time.time() - started}
     accumulators = {k: spark.sparkContext.accumulator(0.0) for k in ("decode", "inference", "model_load")}
     if n_todo:
@@ -329,14 +359,14 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
             accumulators,
         )
         # One scan: the rows read and featurized are persisted, and the unread files are todo minus those rows.
-        rows = rows.persist(StorageLevel.MEMORY_AND_DISK)
+        rows = with_decoded_attributes(rows, cfg).persist(StorageLevel.MEMORY_AND_DISK)
         unread = unread_errors(todo, rows, cfg.input.max_file_bytes).persist(StorageLevel.MEMORY_AND_DISK)
         write_started = time.time()
         feature_rows = rows.filter(F.col("error_class").isNull()).select(
             "image_id", "path", "rel_path", "label", "split", "group_id",
             "features", "features_f16", *meta,
             F.lit(backbone.feature_dim).alias("feature_dim"),
-            "width", "height", "source_mode", "format", "content_sha256", "phash", *FINGERPRINT,
+            "width", "height", "source_mode", "format", "content_sha256", "phash", "slice_index", *METADATA, *FINGERPRINT,
         )
         error_cols = ["image_id", "path", "rel_path", "label", "split", "group_id", "error_class", "error_message",
                       *FINGERPRINT]
@@ -347,9 +377,11 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
         )
         append_rows(spark, feature_rows, cfg.output.path, fmt, replace=replace_keys(replace, backbone.name, resolved.weights_id))
         append_rows(spark, error_rows, cfg.errors_path, fmt, replace=replace_keys(replace, backbone.name, resolved.weights_id))
-        counts = {r["ok"]: r["n"] for r in rows.groupBy(F.col("error_class").isNull().alias("ok")).agg(F.count("*").alias("n")).collect()}
-        featurized = counts.get(True, 0)
-        failed = counts.get(False, 0) + unread.count()
+        # Files, not rows: a volume gives one row per selected slice.
+        counts = {r["ok"]: (r["files"], r["n"]) for r in rows.groupBy(F.col("error_class").isNull().alias("ok"))
+                  .agg(F.countDistinct("path").alias("files"), F.count("*").alias("n")).collect()}
+        featurized, feature_rows_written = counts.get(True, (0, 0))
+        failed = counts.get(False, (0, 0))[0] + unread.count()
         rows.unpersist()
         unread.unpersist()
         stages["featurize_and_write"] = time.time() - write_started
@@ -373,6 +405,7 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
         weights_id=resolved.weights_id,
         seconds=time.time() - started,
         stage_seconds={k: round(v, 3) for k, v in stages.items()},
+        feature_rows=feature_rows_written,
         **labels,
     )
     if featurized + failed != n_todo:

@@ -44,6 +44,10 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
     maxPixels = Param(Params._dummy(), "maxPixels", "decompression-bomb guard: larger images are too_large", TypeConverters.toInt)
     jpegDraft = Param(Params._dummy(), "jpegDraft", "decode large JPEGs at reduced size first", TypeConverters.toBoolean)
     formats = Param(Params._dummy(), "formats", "image formats decoded, comma-separated", TypeConverters.toString)
+    dicomWindow = Param(Params._dummy(), "dicomWindow", "DICOM intensities: auto | none | C,W | lung | mediastinum | bone",
+                        TypeConverters.toString)
+    volume = Param(Params._dummy(), "volume", "volumes: middle | mip (one vector per row; extract also does slices:N)",
+                   TypeConverters.toString)
     outputType = Param(Params._dummy(), "outputType", "vector (ML Vector) | array (array<float>)", TypeConverters.toString)
     errorCol = Param(Params._dummy(), "errorCol", "column for decode errors ('' = none)", TypeConverters.toString)
     tfThreads = Param(Params._dummy(), "tfThreads", "TensorFlow / PyTorch threads per worker (0 = automatic)", TypeConverters.toInt)
@@ -65,6 +69,8 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
         maxPixels: int = DecodeOptions.max_pixels,
         jpegDraft: bool = DecodeOptions.jpeg_draft,
         formats: str = ",".join(DecodeOptions.formats),
+        dicomWindow: str = DecodeOptions.dicom_window,
+        volume: str = DecodeOptions.volume,
         outputType: str = "vector",
         errorCol: str = "featurize_error",
         tfThreads: int = 0,
@@ -74,7 +80,8 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
             inputCol="content", outputCol="features", modelName="resnet50", weights="imagenet",
             weightsSha256="", seed=42, imageSize=0, batchSize=32, resizeMode="stretch",
             resample="bilinear", highBitDepth="minmax", maxPixels=DecodeOptions.max_pixels,
-            jpegDraft=DecodeOptions.jpeg_draft, formats=",".join(DecodeOptions.formats), outputType="vector",
+            jpegDraft=DecodeOptions.jpeg_draft, formats=",".join(DecodeOptions.formats),
+            dicomWindow=DecodeOptions.dicom_window, volume=DecodeOptions.volume, outputType="vector",
             errorCol="featurize_error", tfThreads=0,
         )
         self._set(**self._input_kwargs)
@@ -103,6 +110,8 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
             max_pixels=get("maxPixels"),
             jpeg_draft=get("jpegDraft"),
             formats=tuple(f.strip().upper() for f in get("formats").split(",") if f.strip()),
+            dicom_window=get("dicomWindow"),
+            volume=get("volume"),
         )
 
     @classmethod
@@ -110,7 +119,7 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
         """A stage whose decoding is exactly ``decode`` (e.g. the settings recorded with a features table)."""
         return cls(imageSize=decode.size, resizeMode=decode.resize_mode, resample=decode.resample,
                    highBitDepth=decode.high_bit_depth, maxPixels=decode.max_pixels, jpegDraft=decode.jpeg_draft,
-                   formats=",".join(decode.formats), **params)
+                   formats=",".join(decode.formats), dicomWindow=decode.dicom_window, volume=decode.volume, **params)
 
     def _transform(self, dataset: DataFrame) -> DataFrame:
         from pyspark.ml.functions import array_to_vector
@@ -132,7 +141,8 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
         udf = featurize_udf(spec, spark.sparkContext.broadcast(data) if data is not None else None)
         out_col, err_col = self.getOutputCol(), self.getOrDefault("errorCol")
         result = dataset.withColumn("_imgfeat_r", udf(F.col(self.getInputCol())))
-        features = F.col("_imgfeat_r.features")
+        # One vector per row: a volume's first selected slice (the middle one, or the projection, by default).
+        features = F.element_at(F.col("_imgfeat_r.features"), 1)
         if self.getOrDefault("outputType") == "vector":
             features = F.when(features.isNotNull(), array_to_vector(features))
         result = result.withColumn(out_col, features)

@@ -11,7 +11,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,17 +19,27 @@ import pandas as pd
 
 from imgfeat.backbones.registry import Backbone
 from imgfeat.backbones.weights import WeightsSource
-from imgfeat.io.decoders import DECODE_FAILED, DecodeError, DecodeOptions, decode_image
+from imgfeat.io.decoders import DECODE_FAILED, DecodeError, DecodeOptions, decode_file
 from imgfeat.io.fingerprints import perceptual_hash
 
 if TYPE_CHECKING:
     from pyspark.sql import Column
 
-RESULT_DDL = (
-    "features array<float>, features_f16 binary, width int, height int, source_mode string, "
-    "format string, content_sha256 string, phash string, error_class string, error_message string"
+# One result per input file. Volumes give several model inputs (slices): the per-slice fields are arrays,
+# exploded into one row per slice by ``imgfeat.featurize.extract.featurize_contents``.
+SLICE_FIELDS = ["features", "features_f16", "slice_index", "phash"]
+META_DDL = (
+    "modality string, study_uid string, series_uid string, body_part string, view_position string, "
+    "pixel_spacing array<double>, rows int, columns int, bits_stored int, photometric string, patient_key string, "
+    "label_value string"
 )
-RESULT_FIELDS = ["features", "features_f16", "width", "height", "source_mode", "format", "content_sha256", "phash",
+META_FIELDS = [part.split()[0] for part in META_DDL.split(", ")]
+RESULT_DDL = (
+    "features array<array<float>>, features_f16 array<binary>, slice_index array<int>, phash array<string>, "
+    "width int, height int, source_mode string, format string, content_sha256 string, "
+    f"{META_DDL}, error_class string, error_message string"
+)
+RESULT_FIELDS = [*SLICE_FIELDS, "width", "height", "source_mode", "format", "content_sha256", *META_FIELDS,
                  "error_class", "error_message"]
 
 
@@ -46,15 +56,19 @@ class FeaturizeSpec:
     mixed_precision: bool = False
     decode_threads: int = 1
     float16_column: bool = False
+    # Secret keying DICOM patient ids (privacy.id_salt); kept out of ``decode``, which is recorded with the rows.
+    secret: str | None = field(default=None, repr=False)
+    # input.label.mode=dicom_tag: the DICOM attribute whose value is the label (e.g. StudyDescription).
+    label_tag: str | None = None
 
     @property
     def model_name(self) -> str:
         return self.backbone.name
 
 
-def _decode_one(data: Any, options: DecodeOptions) -> Any:
+def _decode_one(data: Any, spec: FeaturizeSpec) -> Any:
     try:
-        return decode_image(None if data is None else bytes(data), options)
+        return decode_file(None if data is None else bytes(data), spec.decode, spec.secret, spec.label_tag)
     except DecodeError as exc:
         return exc
     except Exception as exc:  # never let one file fail the batch
@@ -68,39 +82,44 @@ def featurize_batch(
     pool: ThreadPoolExecutor | None = None,
     timings: dict[str, float] | None = None,
 ) -> pd.DataFrame:
-    """Decode every row, run the model on the decodable ones in chunks, return one result row each.
+    """Decode every row, run the model on every decoded image (slice) in chunks, return one result row per input.
 
     ``timings`` (optional) accumulates seconds spent in "decode" and "inference".
     """
     n = len(contents)
     t0 = time.perf_counter()
-    decoded = list(pool.map(lambda d: _decode_one(d, spec.decode), contents)) if pool else [
-        _decode_one(d, spec.decode) for d in contents
-    ]
+    decoded = list(pool.map(lambda d: _decode_one(d, spec), contents)) if pool else [_decode_one(d, spec) for d in contents]
     out: dict[str, list[Any]] = {name: [None] * n for name in RESULT_FIELDS}
-    ok = [i for i, d in enumerate(decoded) if not isinstance(d, DecodeError)]
+    work: list[tuple[int, int, Any]] = []  # (row, slice position, decoded image)
     for i, d in enumerate(decoded):
         if isinstance(d, DecodeError):
             out["error_class"][i] = d.error_class
             out["error_message"][i] = d.message
-        else:
-            out["width"][i], out["height"][i] = d.width, d.height
-            out["source_mode"][i], out["format"][i] = d.source_mode, d.format
-            # Duplicates: the exact bytes, and a perceptual hash of the decoded image (docs/validity.md).
-            out["content_sha256"][i] = hashlib.sha256(bytes(contents.iloc[i])).hexdigest()
-            out["phash"][i] = perceptual_hash(d.array)
+            continue
+        first = d[0]
+        out["width"][i], out["height"][i] = first.width, first.height
+        out["source_mode"][i], out["format"][i] = first.source_mode, first.format
+        # Duplicates: the exact bytes, and a perceptual hash of each decoded image (docs/validity.md).
+        out["content_sha256"][i] = hashlib.sha256(bytes(contents.iloc[i])).hexdigest()
+        for key in META_FIELDS:
+            out[key][i] = first.meta.get(key)
+        out["slice_index"][i] = [img.slice_index for img in d]
+        out["phash"][i] = [perceptual_hash(img.array) for img in d]
+        out["features"][i] = [None] * len(d)
+        out["features_f16"][i] = [None] * len(d)
+        work += [(i, j, img) for j, img in enumerate(d)]
     size = spec.decode.size
     t1 = time.perf_counter()
-    for start in range(0, len(ok), spec.batch_size):
-        idx = ok[start : start + spec.batch_size]
-        batch = np.empty((len(idx), size, size, 3), dtype=np.float32)
-        for j, i in enumerate(idx):
-            batch[j] = decoded[i].array
+    for start in range(0, len(work), spec.batch_size):
+        chunk = work[start : start + spec.batch_size]
+        batch = np.empty((len(chunk), size, size, 3), dtype=np.float32)
+        for k, (_, _, img) in enumerate(chunk):
+            batch[k] = img.array
         feats = np.asarray(predict(batch), dtype=np.float32)
-        for j, i in enumerate(idx):
-            out["features"][i] = feats[j]
+        for k, (i, j, _) in enumerate(chunk):
+            out["features"][i][j] = feats[k]
             if spec.float16_column:
-                out["features_f16"][i] = feats[j].astype(np.float16).tobytes()
+                out["features_f16"][i][j] = feats[k].astype(np.float16).tobytes()
     if timings is not None:
         t2 = time.perf_counter()
         timings["decode"] = timings.get("decode", 0.0) + (t1 - t0)

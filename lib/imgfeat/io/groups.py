@@ -6,6 +6,7 @@ most common leak in published chest X-ray models (docs/validity.md).
 
 from __future__ import annotations
 
+import os
 import re
 from typing import TYPE_CHECKING
 
@@ -46,3 +47,9 @@ def group_from_name(cfg: Config) -> Column:
     name = F.element_at(F.split(F.col("rel_path"), "/"), -1)
     found = F.regexp_extract(name, group_regex(cfg.input.split.group_pattern or ""), 1)
     return F.when(found != "", found)
+
+
+def id_salt(configured: str | None) -> str | None:
+    """The secret that keys identifiers (DICOM patient keys, image ids in MLflow artifacts): the setting
+    ``privacy.id_salt``, else $IMGFEAT_ID_SALT, else None."""
+    return configured or os.environ.get("IMGFEAT_ID_SALT") or None

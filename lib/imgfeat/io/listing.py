@@ -48,11 +48,19 @@ def qualify(spark: SparkSession, path: str) -> str:
     return qualified.rstrip("/")
 
 
-def _extension_filter(extensions: list[str]):
+def _extension_filter(extensions: list[str], extensionless: str = "include"):
+    """Image files: the name ends with one of ``extensions`` (any case; multi-part ones like nii.gz too), or has
+    no extension at all when ``extensionless`` is include (DICOM from archives often has none)."""
+    from functools import reduce
+
     from pyspark.sql import functions as F
 
+    name = F.lower(F.element_at(F.split(F.col("path"), "/"), -1))
     exts = [e.lower().lstrip(".") for e in extensions]
-    return F.lower(F.regexp_extract(F.col("path"), r"\.([^./]+)$", 1)).isin(exts)
+    matches = reduce(lambda a, b: a | b, [name.endswith("." + e) for e in exts], F.lit(False))
+    if extensionless == "include":
+        matches = matches | ~name.contains(".")
+    return matches
 
 
 def list_files(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFrame]:
@@ -86,7 +94,7 @@ def list_files(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFrame]:
     # (a notebook) does not accumulate one cached listing per run. The file index behind ``raw`` is
     # built once, so a second scan of it does not list the folder again.
     listing = listing.unionByName(empties)
-    is_image = _extension_filter(cfg.input.extensions)
+    is_image = _extension_filter(cfg.input.extensions, cfg.input.extensionless)
     others = listing.filter(~is_image)
     images = listing.filter(is_image).withColumn(
         "rel_path", F.regexp_replace(F.col("path"), "^\\Q" + root + "/\\E", "")
@@ -175,7 +183,7 @@ def _with_label(spark: SparkSession, images: DataFrame, cfg: Config, root: str) 
 
     label_cfg = cfg.input.label
     mode = label_cfg.effective_mode
-    if mode == "none":
+    if mode in ("none", "dicom_tag"):  # dicom_tag: set from each file's attribute when it is decoded
         return images.withColumn("label", F.lit(None).cast("string"))
     if mode == "folder":
         return images.withColumn("label", _folder_at(label_cfg.folder_level))
@@ -197,6 +205,7 @@ def _with_group(images: DataFrame, cfg: Config) -> DataFrame:
         return images.withColumn("group_id", group_from_name(cfg))
     if mode == "manifest_column":
         return images.withColumnRenamed("manifest_group", "group_id")
+    # none, or patient_key (known once each DICOM file is read: extract fills it in and recomputes the split)
     return images.withColumn("group_id", F.lit(None).cast("string"))
 
 
@@ -208,11 +217,18 @@ def _with_split(images: DataFrame, cfg: Config) -> DataFrame:
         return images.withColumn("split", F.lit(None).cast("string"))
     if split.mode == "folder":
         return images.withColumn("split", _folder_at(split.folder_level))
-    # Each image's split depends only on (seed, its group, or image_id when ungrouped): stable when files are
-    # added or removed, every image of a group on one side, and stratified in expectation.
+    return images.withColumn("split", hash_split(cfg))
+
+
+def hash_split(cfg: Config):
+    """Each image's split depends only on (seed, its group, or image_id when ungrouped): stable when files are
+    added or removed, every image of a group on one side, and stratified in expectation."""
+    from pyspark.sql import functions as F
+
+    split = cfg.input.split
     unit = F.coalesce(F.concat(F.lit("group:"), F.col("group_id")), F.col("image_id"))
     bucket = F.pmod(F.xxhash64(F.lit(split.seed), unit), F.lit(1_000_000)) / F.lit(1_000_000.0)
-    return images.withColumn("split", F.when(bucket < split.test_fraction, "test").otherwise("train"))
+    return F.when(bucket < split.test_fraction, "test").otherwise("train")
 
 
 def _escape_glob(path: str) -> str:

@@ -153,6 +153,8 @@ def _featurize_config(cfg: Config, featurizer: Any) -> Config:
     fcfg.preprocess.max_pixels = decode.max_pixels
     fcfg.preprocess.jpeg_draft = decode.jpeg_draft
     fcfg.preprocess.formats = list(decode.formats)
+    fcfg.preprocess.dicom.window = decode.dicom_window
+    fcfg.preprocess.volume = decode.volume
     fcfg.output.float16_column = False
     return fcfg
 
@@ -228,7 +230,8 @@ def run_predict(spark: SparkSession, cfg: Config) -> PredictResult:
         else:
             scored = scored.withColumn("probability", F.lit(None).cast("array<double>"))
         prediction_rows = scored.select(
-            "image_id", "path", "rel_path", "label", "prediction", "probability", *prob_cols, *meta, *fingerprint
+            "image_id", "path", "rel_path", "label", "slice_index", "prediction", "probability", *prob_cols, *meta,
+            *fingerprint
         )
         unread = unread_errors(todo, rows, cfg.input.max_file_bytes)  # the persisted rows: no second scan
         error_cols = ["image_id", "path", "rel_path", "label", "split", "error_class", "error_message", *fingerprint]
@@ -240,13 +243,15 @@ def run_predict(spark: SparkSession, cfg: Config) -> PredictResult:
         keys = replace_keys(replace, uri, weights_id)
         append_rows(spark, prediction_rows, cfg.output.path, fmt, replace=keys)
         append_rows(spark, error_rows, cfg.errors_path, fmt, replace=keys)
-        failed = rows.filter(F.col("error_class").isNotNull()).count() + unread.count()
-        predicted = rows.filter(F.col("error_class").isNull()).count()
+        failed = rows.filter(F.col("error_class").isNotNull()).select("path").distinct().count() + unread.count()
+        decoded = rows.filter(F.col("error_class").isNull())
+        predicted = decoded.select("path").distinct().count()  # files; a volume gives one row per slice
+        n_prediction_rows = decoded.count()
         # Count what was written (not what was planned): every decoded image must have its prediction row.
         out = read_table(spark, cfg.output.path, fmt).filter((F.col("model") == uri) & (F.col("run_id") == run_id))
         counts = {r["prediction"]: r["n"] for r in out.groupBy("prediction").agg(F.count("*").alias("n")).collect()}
-        if sum(counts.values()) != predicted:
-            raise RuntimeError(f"accounting mismatch: {predicted} images decoded but {sum(counts.values())} predictions written")
+        if sum(counts.values()) != n_prediction_rows:
+            raise RuntimeError(f"accounting mismatch: {n_prediction_rows} images decoded but {sum(counts.values())} predictions written")
         rows.unpersist()
     images.unpersist()
     drop_scratch(spark, cfg.output.path, scratch)

@@ -133,9 +133,11 @@ def run_audit(images: DataFrame, near_duplicate_bits: int = 12) -> AuditReport:
 def _exact(images: DataFrame, report: AuditReport) -> None:
     from pyspark.sql import functions as F
 
+    # One row per file here: the slices of one volume share its content and are not duplicates of each other.
+    files = images.filter(F.col("content_sha256").isNotNull()).dropDuplicates(["path", "side"])
     sets = (
-        images.filter(F.col("content_sha256").isNotNull()).groupBy("content_sha256")
-        .agg(F.count("*").alias("n"), F.sort_array(F.collect_list("rel_path")).alias("paths"),
+        files.groupBy("content_sha256")
+        .agg(F.countDistinct("path").alias("n"), F.sort_array(F.collect_set("rel_path")).alias("paths"),
              F.sort_array(F.collect_set("label")).alias("labels"),
              F.sort_array(F.collect_set(F.coalesce("side", F.lit("none")))).alias("sides"))
         .filter(F.col("n") > 1)

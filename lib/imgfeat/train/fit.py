@@ -221,7 +221,7 @@ def _predictions(model: Any, test: DataFrame) -> tuple[np.ndarray, np.ndarray, n
     from pyspark.sql import functions as F
 
     scored = model.transform(test)
-    cols = ["path", "unit", F.col(LABEL_COL).alias("y"), F.col(PREDICTION_COL).alias("p")]
+    cols = ["item", "unit", F.col(LABEL_COL).alias("y"), F.col(PREDICTION_COL).alias("p")]
     if "probability" in scored.columns:
         cols.append(vector_to_array(F.col("probability")).alias("s"))
         probabilistic = True
@@ -229,11 +229,11 @@ def _predictions(model: Any, test: DataFrame) -> tuple[np.ndarray, np.ndarray, n
         cols.append(vector_to_array(F.col("rawPrediction")).alias("s"))
         probabilistic = False
     else:
-        pdf = scored.select(*cols).orderBy("path").toPandas()
-        return pdf["y"].to_numpy(), pdf["p"].to_numpy(), None, False, pdf[["path", "unit"]]
-    pdf = scored.select(*cols).orderBy("path").toPandas()
+        pdf = scored.select(*cols).orderBy("item").toPandas()
+        return pdf["y"].to_numpy(), pdf["p"].to_numpy(), None, False, pdf[["item", "unit"]]
+    pdf = scored.select(*cols).orderBy("item").toPandas()
     scores = np.stack(pdf["s"].to_numpy()) if len(pdf) else None
-    return pdf["y"].to_numpy(), pdf["p"].to_numpy(), scores, probabilistic, pdf[["path", "unit"]]
+    return pdf["y"].to_numpy(), pdf["p"].to_numpy(), scores, probabilistic, pdf[["item", "unit"]]
 
 
 def _log_child(child_metrics: dict[str, float], report: dict[str, Any], y: np.ndarray, proba: np.ndarray | None,
@@ -263,11 +263,12 @@ def run_train(spark: SparkSession, cfg: Config) -> TrainResult:
     from pyspark.ml.functions import array_to_vector
     from pyspark.sql import functions as F
 
+    from imgfeat.io.groups import id_salt
     from imgfeat.train.audit import check_leakage, run_audit
     from imgfeat.train.heads import check_heads
     from imgfeat.train.metrics import classification_metrics, metric_key, scores_to_proba
-    from imgfeat.train.privacy import artifact_ids, check_artifact_table, check_metadata, id_salt, set_digest
-    from imgfeat.train.split import assign_split, audit_images, labelled_images, read_features
+    from imgfeat.train.privacy import artifact_ids, check_artifact_table, check_metadata, set_digest
+    from imgfeat.train.split import assign_split, audit_images, labelled_images, read_features, with_item
     from imgfeat.train.tracking import model_signature, pip_requirements, tracking_uri, use_experiment
     from imgfeat.train.uncertainty import plot_reliability
 
@@ -356,12 +357,13 @@ def run_train(spark: SparkSession, cfg: Config) -> TrainResult:
                 listed.sort_values("test_id").to_csv(os.path.join(tmp, "test_images.csv"), index=False)
                 mlflow.log_artifact(os.path.join(tmp, "test_images.csv"))
 
-        correct: dict[str, dict[str, bool]] = {}  # run id -> test path -> prediction was right
+        correct: dict[str, dict[str, bool]] = {}  # run id -> test item -> prediction was right
         for model_name, weights_id in backbones:
             backbone = f"{model_name}:{weights_id[:20]}" if multi_weights else model_name
             rows = labelled.filter((F.col("model") == model_name) & (F.col("weights_id") == weights_id))
-            rows = rows.dropDuplicates(["path"]).select("path", "label", array_to_vector(F.col("features")).alias(FEATURES_COL))
-            rows = indexer.transform(rows).join(split.select("path", "is_test", "unit"), on="path", how="inner")
+            rows = with_item(rows).dropDuplicates(["item"]).select(
+                "item", "label", array_to_vector(F.col("features")).alias(FEATURES_COL))
+            rows = indexer.transform(rows).join(split.select("item", "is_test", "unit"), on="item", how="inner")
             rows = rows.filter(F.col("is_test").isNotNull())
             if class_weight:
                 weight = F.lit(1.0)
@@ -387,7 +389,7 @@ def run_train(spark: SparkSession, cfg: Config) -> TrainResult:
                     extra, calibration = _uncertainty(y, p, proba, labels, keys["unit"].to_numpy(), cfg)
                     metrics.update(extra)
                     report["calibration"] = calibration
-                    correct[child.info.run_id] = dict(zip(keys["path"], (y == p), strict=True))
+                    correct[child.info.run_id] = dict(zip(keys["item"], (y == p), strict=True))
                     report["scores"] = "probability" if probabilistic else "softmax of raw margins (no probabilities)"
                     child_params = {**common_params, "backbone": model_name, "weights_id": weights_id, "head": head,
                                     "feature_dim": input_dim, **{f"head_{k}": v for k, v in head_params.items()},

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -72,11 +71,6 @@ def check_mlflow_run(run: Any) -> None:
 # Columns an artifact table must not have: they name files (and so, often, patients).
 FILE_COLUMNS = ("path", "relpath", "filename", "file", "origin", "uri", "imageid")
 _FILE_LIKE = re.compile(r"[/\\]|\.(jpe?g|png|dcm|dicom|nii|gz|tiff?|bmp|webp)$", re.IGNORECASE)
-
-
-def id_salt(configured: str | None) -> str | None:
-    """The secret for artifact ids: the setting, else $IMGFEAT_ID_SALT, else None (no per-image ids logged)."""
-    return configured or os.environ.get("IMGFEAT_ID_SALT") or None
 
 
 def artifact_ids(image_ids: list[str], salt: str) -> list[str]:

@@ -54,6 +54,8 @@ def split_units(images: DataFrame) -> DataFrame:
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
+    if "item" not in images.columns:
+        images = images.withColumn("item", F.col("path"))
     has_group = "group_id" in images.columns
     unit = F.coalesce(F.concat(F.lit("group:"), F.col("group_id")), F.col("image_id")) if has_group else F.col("image_id")
     images = images.withColumn("unit", unit)
@@ -92,7 +94,7 @@ def assign_split(images: DataFrame, cfg: Config) -> tuple[DataFrame, str]:
         )
     images = split_units(images)
     if mode in ("auto", "column") and {"train", "test"} <= values:
-        return images.select("path", "image_id", "label", "split", "unit").withColumn(
+        return images.select("item", "path", "image_id", "label", "split", "unit").withColumn(
             "is_test", F.when(F.col("split") == "test", True).when(F.col("split") == "train", False)
         ), "column"
     # One class per unit (its most frequent label) so that a unit is never split between classes' quotas.
@@ -107,16 +109,27 @@ def assign_split(images: DataFrame, cfg: Config) -> tuple[DataFrame, str]:
     units = units.withColumn("_before", F.sum("_size").over(ordered) - F.col("_size")).withColumn(
         "_n", F.sum("_size").over(by_class))
     units = units.withColumn("is_test", F.col("_before") < F.round(F.col("_n") * F.lit(tc.test_fraction)))
-    split = images.select("path", "image_id", "label", "unit").join(units.select("unit", "is_test"), on="unit", how="inner")
-    return split.select("path", "image_id", "label", F.lit(None).cast("string").alias("split"), "is_test", "unit"), "hash"
+    split = images.select("item", "path", "image_id", "label", "unit").join(units.select("unit", "is_test"), on="unit", how="inner")
+    return split.select("item", "path", "image_id", "label", F.lit(None).cast("string").alias("split"), "is_test", "unit"), "hash"
+
+
+def with_item(table: DataFrame) -> DataFrame:
+    """``item``: what one model input is, the file's path, plus ``#<slice>`` for a slice of a volume."""
+    from pyspark.sql import functions as F
+
+    if "slice_index" not in table.columns:
+        return table.withColumn("item", F.col("path"))
+    return table.withColumn("item", F.when(F.col("slice_index").isNull(), F.col("path")).otherwise(
+        F.concat(F.col("path"), F.lit("#"), F.col("slice_index").cast("string"))))
 
 
 def labelled_images(table: DataFrame) -> DataFrame:
-    """One row per labelled image (path), with the columns the split uses."""
+    """One row per labelled image or slice (``item``), with the columns the split uses."""
     from pyspark.sql import functions as F
 
     optional = [c for c in OPTIONAL_COLUMNS if c in table.columns]
-    return table.filter(F.col("label").isNotNull()).select("path", "image_id", "label", *optional).dropDuplicates(["path"])
+    return (with_item(table).filter(F.col("label").isNotNull())
+            .select("item", "path", "image_id", "label", *optional).dropDuplicates(["item"]))
 
 
 def audit_images(split: DataFrame, table: DataFrame) -> DataFrame:
@@ -124,9 +137,9 @@ def audit_images(split: DataFrame, table: DataFrame) -> DataFrame:
     from pyspark.sql import functions as F
 
     extra = [c for c in ("rel_path", "group_id", "content_sha256", "phash") if c in table.columns]
-    info = table.select("path", *extra).dropDuplicates(["path"])
+    info = with_item(table).select("item", *extra).dropDuplicates(["item"])
     side = F.when(F.col("is_test"), "test").when(~F.col("is_test"), "train")
-    images = split.select("path", "label", side.alias("side")).join(info, on="path", how="left")
+    images = split.select("item", "path", "label", side.alias("side")).join(info, on="item", how="left")
     return images if "rel_path" in images.columns else images.withColumn("rel_path", F.col("path"))
 
 

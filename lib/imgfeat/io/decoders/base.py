@@ -16,7 +16,14 @@ UNSUPPORTED_FORMAT = "unsupported_format"
 TOO_LARGE = "too_large"
 UNREADABLE = "unreadable"
 DECODE_FAILED = "decode_failed"
-ERROR_CLASSES = (EMPTY_FILE, TRUNCATED, NOT_AN_IMAGE, UNSUPPORTED_FORMAT, TOO_LARGE, UNREADABLE, DECODE_FAILED)
+NO_PIXEL_DATA = "no_pixel_data"  # a DICOM object without an image (a structured report, an RT plan, ...)
+UNSUPPORTED_COMPRESSION = "unsupported_compression"  # a DICOM transfer syntax no installed plugin decodes
+ERROR_CLASSES = (EMPTY_FILE, TRUNCATED, NOT_AN_IMAGE, UNSUPPORTED_FORMAT, TOO_LARGE, UNREADABLE, DECODE_FAILED,
+                 NO_PIXEL_DATA, UNSUPPORTED_COMPRESSION)
+
+# Formats that are not Pillow's.
+DICOM = "DICOM"
+NIFTI = "NIFTI"
 
 
 class DecodeError(Exception):
@@ -36,7 +43,13 @@ class DecodeOptions:
     high_bit_depth: str = "minmax"
     max_pixels: int = 120_000_000
     jpeg_draft: bool = True
-    formats: tuple[str, ...] = ("JPEG", "PNG", "BMP", "TIFF", "GIF", "WEBP", "MPO")
+    formats: tuple[str, ...] = ("JPEG", "PNG", "BMP", "TIFF", "GIF", "WEBP", "MPO", "DICOM", "NIFTI")
+    # DICOM intensities: auto (the file's VOI LUT or window, else its value range) | none (value range) | C,W
+    # (centre, width in modality units, e.g. HU) | lung | mediastinum | bone (CT presets in HU).
+    dicom_window: str = "auto"
+    # Volumes (multi-frame DICOM, NIfTI): middle (the middle axial slice) | mip (maximum intensity projection
+    # along the axial axis) | slices:N (N evenly spaced axial slices, one row each).
+    volume: str = "middle"
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "formats": list(self.formats)}
@@ -56,5 +69,7 @@ class DecodedImage:
     array: np.ndarray  # float32, (size, size, 3), values 0..255
     width: int  # original width, after EXIF orientation
     height: int
-    source_mode: str  # Pillow mode of the file, e.g. L, RGB, RGBA, P, I;16
-    format: str  # detected from the bytes, e.g. JPEG, PNG
+    source_mode: str  # Pillow mode of the file, e.g. L, RGB, RGBA, P, I;16 (DICOM: its photometric interpretation)
+    format: str  # detected from the bytes, e.g. JPEG, PNG, DICOM, NIFTI
+    slice_index: int | None = None  # volumes: the axial slice (or None for a projection / a 2D image)
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # DICOM / NIfTI metadata columns

@@ -23,7 +23,7 @@ from imgfeat.io.decoders.base import (
     DecodeOptions,
 )
 
-_RESAMPLE = {
+RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
@@ -67,7 +67,7 @@ def _to_rgb_or_float(img: Image.Image, high_bit_depth: str) -> Image.Image:
     return img.convert("RGB")
 
 
-def _resize(img: Image.Image, size: int, mode: str, resample: int) -> Image.Image:
+def resize(img: Image.Image, size: int, mode: str, resample: int) -> Image.Image:
     """stretch: to a square ignoring aspect; crop: Pillow's ``ImageOps.fit`` (centre crop to the aspect, then
     resize); pad: ``ImageOps.pad`` (resize within the square, letterboxed on black)."""
     if img.size == (size, size):
@@ -113,7 +113,7 @@ def decode_image(data: bytes | None, options: DecodeOptions) -> DecodedImage:
             if orientation in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
                 width, height = height, width
             img = _to_rgb_or_float(img, options.high_bit_depth)
-            img = _resize(img, options.size, options.resize_mode, _RESAMPLE[options.resample])
+            img = resize(img, options.size, options.resize_mode, RESAMPLE[options.resample])
             arr = np.asarray(img, dtype=np.float32)
     except DecodeError:
         raise
