@@ -39,7 +39,7 @@ def run_demo(
     tracking_uri: str = "sqlite:///mlflow.db",
 ) -> dict:
     from imgfeat.config import load_config
-    from imgfeat.demo.samples import make_samples
+    from imgfeat.demo.samples import make_medical_samples, make_samples
     from imgfeat.featurize.extract import run_extract
     from imgfeat.session import get_spark
 
@@ -47,7 +47,9 @@ def run_demo(
     images = os.path.join(workdir, "images")
     if not os.path.isdir(images):
         samples = make_samples(images, per_class=per_class, realistic=True)
-        print(f"[demo] generated {samples.valid} sample images and {len(samples.bad)} broken files in {images}")
+        medical = make_medical_samples(images, per_kind=2)  # both classes
+        print(f"[demo] generated {samples.valid} sample images, {sum(map(len, medical.values()))} DICOM and NIfTI files "
+              f"({', '.join(sorted(medical))}) and {len(samples.bad)} broken files in {images}")
     else:
         print(f"[demo] using the sample images already in {images}")
     features = os.path.join(workdir, "features")
