@@ -148,7 +148,7 @@ def decode_dicom(data: bytes, options: DecodeOptions, secret: str | None = None,
         raise _syntax_error(ds, exc) from None
     except (ValueError, EOFError, OSError, IndexError) as exc:
         text = str(exc)
-        error = TRUNCATED if any(w in text.lower() for w in ("truncat", "shorter", "length", "missing")) else DECODE_FAILED
+        error = TRUNCATED if any(w in text.lower() for w in ("truncat", "shorter", "less than", "missing", "end of")) else DECODE_FAILED
         raise DecodeError(error, f"the DICOM pixel data could not be read: {type(exc).__name__}: {text[:200]}") from None
     colour = pixels.ndim == (4 if frames > 1 else 3)
     volume = pixels if frames > 1 else pixels[None]
