@@ -171,6 +171,8 @@ def test_a_mixed_folder_gives_one_row_per_image_or_slice_with_metadata_and_nothi
     assert len(feats) == expected_rows and first.failed == len(photos.bad) + 2
     classes = dict(zip(errors["path"].str.rsplit("/", n=1).str[-1], errors["error_class"]))
     assert classes["broken.dcm"] == "truncated" and classes["plan_no_pixels"] == "no_pixel_data"
+    plan = errors[errors["path"].str.endswith("plan_no_pixels")].iloc[0]
+    assert plan["modality"] == "RTPLAN" and plan["study_uid"]  # errors keep what was read before the failure
     dicom = feats[feats["format"] == "DICOM"]
     assert set(dicom["modality"]) == {"DX", "CT"} and dicom["patient_key"].notna().all()
     assert set(dicom["photometric"]) == {"MONOCHROME1", "MONOCHROME2"} and (dicom["rows"] == 96).all()

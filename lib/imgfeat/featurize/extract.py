@@ -371,9 +371,9 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
         error_cols = ["image_id", "path", "rel_path", "label", "split", "group_id", "error_class", "error_message",
                       *FINGERPRINT]
         error_rows = (
-            rows.filter(F.col("error_class").isNotNull()).select(*error_cols)
-            .unionByName(unread.select(*error_cols))
-            .select(*error_cols[:6], *meta, *error_cols[6:])
+            rows.filter(F.col("error_class").isNotNull()).select(*error_cols, *METADATA)
+            .unionByName(unread.select(*error_cols), allowMissingColumns=True)
+            .select(*error_cols[:6], *meta, *error_cols[6:], *METADATA)
         )
         append_rows(spark, feature_rows, cfg.output.path, fmt, replace=replace_keys(replace, backbone.name, resolved.weights_id))
         append_rows(spark, error_rows, cfg.errors_path, fmt, replace=replace_keys(replace, backbone.name, resolved.weights_id))

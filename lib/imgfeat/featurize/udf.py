@@ -95,6 +95,8 @@ def featurize_batch(
         if isinstance(d, DecodeError):
             out["error_class"][i] = d.error_class
             out["error_message"][i] = d.message
+            for key in META_FIELDS:
+                out[key][i] = d.meta.get(key)
             continue
         first = d[0]
         out["width"][i], out["height"][i] = first.width, first.height

@@ -29,10 +29,11 @@ NIFTI = "NIFTI"
 class DecodeError(Exception):
     """An image could not be turned into model input; ``error_class`` is one of ERROR_CLASSES."""
 
-    def __init__(self, error_class: str, message: str):
+    def __init__(self, error_class: str, message: str, meta: dict[str, Any] | None = None):
         super().__init__(message)
         self.error_class = error_class
         self.message = message
+        self.meta = meta or {}  # what was read before the failure (DICOM attributes), for the errors table
 
 
 @dataclass(frozen=True)

@@ -121,15 +121,26 @@ def _intensities(values: np.ndarray, ds: Any, options: DecodeOptions) -> np.ndar
 
 def decode_dicom(data: bytes, options: DecodeOptions, secret: str | None = None,
                  label_tag: str | None = None) -> list[DecodedImage]:
+    """The images of one DICOM stream; a DecodeError carries the metadata read before the failure."""
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_rescale
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
         raise DecodeError(TRUNCATED, f"not a readable DICOM stream: {type(exc).__name__}: {str(exc)[:200]}") from None
     meta = metadata(ds, secret, label_tag)
+    try:
+        return _images(ds, meta, options)
+    except DecodeError as exc:
+        exc.meta = meta
+        raise
+
+
+def _images(ds: Any, meta: dict[str, Any], options: DecodeOptions) -> list[DecodedImage]:
+    import pydicom
+    from pydicom.pixels import apply_rescale
+
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         sop = _text(ds, "SOPClassUID")
         name = getattr(ds.get("SOPClassUID"), "name", sop)
