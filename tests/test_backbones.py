@@ -25,6 +25,8 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 REFERENCE_PREPROCESSING = {
     "resnet50": lambda x: x[..., ::-1] - CAFFE_BGR_MEAN,  # "caffe": RGB -> BGR, minus the ImageNet BGR means
     "vgg19": lambda x: x[..., ::-1] - CAFFE_BGR_MEAN,
+    "vgg16": lambda x: x[..., ::-1] - CAFFE_BGR_MEAN,
+    "xception": lambda x: x / 127.5 - 1.0,  # "tf"
     "inception_v3": lambda x: x / 127.5 - 1.0,  # "tf": -1..1
     "densenet121": lambda x: (x / 255.0 - IMAGENET_MEAN) / IMAGENET_STD,  # "torch" mode, still NHWC
     "efficientnet_b0": lambda x: x,  # Keras' EfficientNet rescales inside the model

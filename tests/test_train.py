@@ -134,6 +134,8 @@ def test_runs_params_metrics_and_artifacts_are_in_the_store(trained_all_heads, s
     client = MlflowClient(store)
     parent = client.get_run(result.parent_run_id)
     assert parent.data.tags["imgfeat.kind"] == "train"
+    # The UI opens the experiment on its runs (MLflow 3 opens untagged ones in the GenAI traces view).
+    assert client.get_experiment(result.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     # No secret configured: no per-image ids in the artifacts, only a digest of which images were held out.
     assert "test_images.csv" not in {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert len(parent.data.params["test_set_sha256"]) == 64

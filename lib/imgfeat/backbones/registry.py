@@ -75,6 +75,16 @@ BACKBONES: dict[str, Backbone] = {
             f"{_KERAS_WEIGHTS}/vgg19/vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
         ),
         Backbone(
+            "vgg16", 224, 512, "VGG16", "vgg16",
+            "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            f"{_KERAS_WEIGHTS}/vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        ),
+        Backbone(
+            "xception", 299, 2048, "Xception", "xception",
+            "xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            f"{_KERAS_WEIGHTS}/xception/xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        ),
+        Backbone(
             "efficientnet_b0", 224, 1280, "EfficientNetB0", "efficientnet",
             "efficientnetb0_notop.h5",
             f"{_KERAS_WEIGHTS}/efficientnet/efficientnetb0_notop.h5",

@@ -1,4 +1,7 @@
-"""``ImageFeaturizer``: a saveable Spark ML Transformer, image bytes -> feature vector.
+"""``ImageFeaturizer``: a saveable Spark ML Transformer, images -> feature vector.
+
+``inputCol`` is either a binary column of encoded file bytes (``spark.read.format("binaryFile")``) or a column of
+Spark's image struct (``spark.read.format("image")``: already decoded pixels, converted from BGR exactly once).
 
 Round-trips through ``Pipeline``/``PipelineModel.save/load`` (only JSON-serialisable params are
 stored; weights are re-resolved from ``weights`` on load, pinned by ``weightsSha256`` if set).
@@ -140,7 +143,23 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
         data = source.read_bytes()
         udf = featurize_udf(spec, spark.sparkContext.broadcast(data) if data is not None else None)
         out_col, err_col = self.getOutputCol(), self.getOrDefault("errorCol")
-        result = dataset.withColumn("_imgfeat_r", udf(F.col(self.getInputCol())))
+        from pyspark.sql.types import BinaryType, StructType
+
+        from imgfeat.io.decoders.spark_image import IMAGE_FIELDS, is_image_struct
+
+        column = dataset.schema[self.getInputCol()]
+        if isinstance(column.dataType, StructType):
+            if not is_image_struct(column.dataType.fieldNames()):
+                raise ValueError(f"inputCol {self.getInputCol()!r} is a struct without Spark's image fields "
+                                 f"({', '.join(IMAGE_FIELDS)}): pass a binary column of file bytes or an image column")
+            source = F.struct(*[F.col(f"{self.getInputCol()}.{f}").alias(f) for f in IMAGE_FIELDS])
+        elif isinstance(column.dataType, BinaryType):
+            source = F.col(self.getInputCol())
+        else:
+            raise ValueError(f"inputCol {self.getInputCol()!r} is {column.dataType.simpleString()}: ImageFeaturizer takes "
+                             "file bytes (binary, spark.read.format('binaryFile')) or Spark's image struct "
+                             "(spark.read.format('image'))")
+        result = dataset.withColumn("_imgfeat_r", udf(source))
         # One vector per row: a volume's first selected slice (the middle one, or the projection, by default).
         features = F.element_at(F.col("_imgfeat_r.features"), 1)
         if self.getOrDefault("outputType") == "vector":

@@ -20,6 +20,7 @@ import pandas as pd
 from imgfeat.backbones.registry import Backbone
 from imgfeat.backbones.weights import WeightsSource
 from imgfeat.io.decoders import DECODE_FAILED, DecodeError, DecodeOptions, decode_file
+from imgfeat.io.decoders.spark_image import decode_spark_image
 from imgfeat.io.fingerprints import perceptual_hash
 
 if TYPE_CHECKING:
@@ -67,7 +68,10 @@ class FeaturizeSpec:
 
 
 def _decode_one(data: Any, spec: FeaturizeSpec) -> Any:
+    """A list of decoded images (file bytes, or a row of Spark's image source), or the DecodeError."""
     try:
+        if isinstance(data, pd.Series):  # a struct from spark.read.format("image")
+            return [decode_spark_image(data, spec.decode)]
         return decode_file(None if data is None else bytes(data), spec.decode, spec.secret, spec.label_tag)
     except DecodeError as exc:
         return exc
@@ -76,7 +80,7 @@ def _decode_one(data: Any, spec: FeaturizeSpec) -> Any:
 
 
 def featurize_batch(
-    contents: pd.Series,
+    contents: pd.Series | pd.DataFrame,
     predict: Callable[[np.ndarray], np.ndarray],
     spec: FeaturizeSpec,
     pool: ThreadPoolExecutor | None = None,
@@ -84,11 +88,14 @@ def featurize_batch(
 ) -> pd.DataFrame:
     """Decode every row, run the model on every decoded image (slice) in chunks, return one result row per input.
 
-    ``timings`` (optional) accumulates seconds spent in "decode" and "inference".
+    ``contents``: file bytes (a Series), or the rows of Spark's image struct (a DataFrame: origin, height, width,
+    nChannels, mode, data). ``timings`` (optional) accumulates seconds spent in "decode" and "inference".
     """
     n = len(contents)
     t0 = time.perf_counter()
-    decoded = list(pool.map(lambda d: _decode_one(d, spec), contents)) if pool else [_decode_one(d, spec) for d in contents]
+    structs = isinstance(contents, pd.DataFrame)
+    items = [row for _, row in contents.iterrows()] if structs else list(contents)
+    decoded = list(pool.map(lambda d: _decode_one(d, spec), items)) if pool else [_decode_one(d, spec) for d in items]
     out: dict[str, list[Any]] = {name: [None] * n for name in RESULT_FIELDS}
     work: list[tuple[int, int, Any]] = []  # (row, slice position, decoded image)
     for i, d in enumerate(decoded):
@@ -102,7 +109,8 @@ def featurize_batch(
         out["width"][i], out["height"][i] = first.width, first.height
         out["source_mode"][i], out["format"][i] = first.source_mode, first.format
         # Duplicates: the exact bytes, and a perceptual hash of each decoded image (docs/validity.md).
-        out["content_sha256"][i] = hashlib.sha256(bytes(contents.iloc[i])).hexdigest()
+        raw = items[i]["data"] if structs else items[i]
+        out["content_sha256"][i] = hashlib.sha256(bytes(raw)).hexdigest()
         for key in META_FIELDS:
             out[key][i] = first.meta.get(key)
         out["slice_index"][i] = [img.slice_index for img in d]

@@ -8,6 +8,9 @@ from typing import Any
 from imgfeat.config import Config
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+# MLflow 3's UI opens an experiment without this tag in its GenAI (traces) view; with it, on its runs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -37,8 +40,12 @@ def use_experiment(cfg: Config, create: bool = True) -> str:
                 f"MLflow experiment {name!r} does not exist in {tracking_uri(cfg)}; run `imgfeat train` first, "
                 "or pass --experiment/--tracking-uri for the store where you trained"
             )
-        mlflow.create_experiment(name)
-    return mlflow.set_experiment(name).experiment_id
+        mlflow.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    experiment = mlflow.set_experiment(name)
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND and create:
+        # Experiments made before this tag (or by hand) open in MLflow 3's GenAI traces view, not on their runs.
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment.experiment_id
 
 
 def pip_requirements() -> list[str]:

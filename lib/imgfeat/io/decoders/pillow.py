@@ -112,9 +112,7 @@ def decode_image(data: bytes | None, options: DecodeOptions) -> DecodedImage:
             img = ImageOps.exif_transpose(img)
             if orientation in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
                 width, height = height, width
-            img = _to_rgb_or_float(img, options.high_bit_depth)
-            img = resize(img, options.size, options.resize_mode, RESAMPLE[options.resample])
-            arr = np.asarray(img, dtype=np.float32)
+            arr = model_array(img, options)
     except DecodeError:
         raise
     except UnidentifiedImageError:
@@ -128,7 +126,12 @@ def decode_image(data: bytes | None, options: DecodeOptions) -> DecodedImage:
         raise DecodeError(DECODE_FAILED, f"decoding failed: {text}") from None
     except (ValueError, SyntaxError, EOFError, MemoryError, IndexError, TypeError, KeyError) as exc:
         raise DecodeError(DECODE_FAILED, f"decoding failed: {type(exc).__name__}: {exc}") from None
-    if arr.ndim == 2:
-        arr = np.repeat(arr[:, :, None], 3, axis=2)
     return DecodedImage(arr, int(width), int(height), source_mode, fmt)
+
+
+def model_array(img: Image.Image, options: DecodeOptions) -> np.ndarray:
+    """A decoded Pillow image -> (size, size, 3) float32 in 0..255: modes to RGB/L/F, then the one resize."""
+    img = _to_rgb_or_float(img, options.high_bit_depth)
+    arr = np.asarray(resize(img, options.size, options.resize_mode, RESAMPLE[options.resample]), dtype=np.float32)
+    return np.repeat(arr[:, :, None], 3, axis=2) if arr.ndim == 2 else arr
 
