@@ -14,7 +14,6 @@ Prints what it wrote. The source folder is only read.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import shutil
 import sys
@@ -27,23 +26,16 @@ from imgfeat.demo.samples import dicom_bytes, make_dicom, nifti_bytes
 
 def _real_dicom(gray: np.ndarray, kind: str, patient: str):
     """A DICOM of a real X-ray (8-bit grey -> 12 bits) of ``kind``."""
-    from pydicom.encaps import encapsulate
-    from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, RLELossless
+    from pydicom.uid import JPEG2000Lossless, RLELossless
 
-    from imgfeat.demo.samples import _dicom_dataset
+    from imgfeat.demo.samples import _dicom_dataset, jpeg_dicom
 
     twelve = (gray.astype(np.float32) / 255 * 4095).astype(np.uint16)
     if kind == "mono1":
         return _dicom_dataset((4095 - twelve).astype(np.uint16), "MONOCHROME1", 12, patient_id=patient,
                               RescaleSlope=1, RescaleIntercept=0)
     if kind == "jpeg":
-        buf = io.BytesIO()
-        Image.fromarray(gray, "L").save(buf, "JPEG", quality=92)
-        ds = _dicom_dataset(gray, bits_stored=8, patient_id=patient)
-        ds.PixelData = encapsulate([buf.getvalue()])
-        ds["PixelData"].VR = "OB"
-        ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
-        return ds
+        return jpeg_dicom(gray, patient)
     ds = _dicom_dataset(twelve, bits_stored=12, patient_id=patient)
     if kind in ("rle", "jpeg2000"):
         ds.compress(RLELossless if kind == "rle" else JPEG2000Lossless)

@@ -241,8 +241,7 @@ def dicom_bytes(ds) -> bytes:
 
 def make_dicom(kind: str, rng: np.random.Generator, size: int = 96, sick: bool = False, patient_id: str = "PAT-0001"):
     """A DICOM dataset of ``kind`` (DICOM_KINDS, or ct_volume: 9 frames) with an X-ray-like (or CT-like) image."""
-    from pydicom.encaps import encapsulate
-    from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, RLELossless
+    from pydicom.uid import JPEG2000Lossless, RLELossless
 
     x = xray_array(rng, (size, size), sick)  # 0..1, bright bone, dark lungs
     if kind == "mono2_16bit":
@@ -260,20 +259,27 @@ def make_dicom(kind: str, rng: np.random.Generator, size: int = 96, sick: bool =
         return _dicom_dataset(stored, bits_stored=12, signed=True, modality="CT", patient_id=patient_id,
                               RescaleSlope=1, RescaleIntercept=-1024, WindowCenter=-600, WindowWidth=1500)
     if kind == "jpeg_baseline":
-        gray8 = (x * 255).astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(gray8, "L").save(buf, "JPEG", quality=92)
-        ds = _dicom_dataset(gray8, bits_stored=8, patient_id=patient_id)
-        ds.PixelData = encapsulate([buf.getvalue()])
-        ds["PixelData"].VR = "OB"
-        ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
-        ds.LossyImageCompression = "01"
-        return ds
+        return jpeg_dicom((x * 255).astype(np.uint8), patient_id)
     if kind in ("rle", "jpeg2000"):
         ds = _dicom_dataset((x * 4095).astype(np.uint16), bits_stored=12, patient_id=patient_id)
         ds.compress(RLELossless if kind == "rle" else JPEG2000Lossless)
         return ds
     raise ValueError(f"unknown DICOM kind {kind!r}; known: {', '.join(DICOM_KINDS)}, ct_volume")
+
+
+def jpeg_dicom(gray8: np.ndarray, patient_id: str = "PAT-0001"):
+    """An 8-bit grey image as a JPEG baseline (lossy) DICOM: Pillow's JPEG stream, encapsulated."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    buf = io.BytesIO()
+    Image.fromarray(gray8, "L").save(buf, "JPEG", quality=92)
+    ds = _dicom_dataset(gray8, bits_stored=8, patient_id=patient_id)
+    ds.PixelData = encapsulate([buf.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.LossyImageCompression = "01"
+    return ds
 
 
 def nifti_bytes(volume: np.ndarray, affine: np.ndarray | None = None, gz: bool = True) -> bytes:
