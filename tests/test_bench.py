@@ -37,3 +37,21 @@ def test_bench_runs_both_pipelines_on_the_same_images(samples, tmp_path, model, 
 
     assert np.load(tmp_path / "w" / "baseline.npy").shape == (20, 16)
     assert "ratio ours/baseline" in result.stdout and f"engine={engine}" in result.stdout
+
+
+def test_the_per_task_bench_runs_without_spark(samples, tmp_path):
+    """The GPU machines have no Java or Spark: the featurizer's task function is timed on its own (CPU here)."""
+    out = tmp_path / "task.json"
+    args = ["--input", os.path.join(samples.root, "PNEUMONIA"), "--limit", "24", "--model", "tiny_torch",
+            "--batch-size", "8", "--precision", "bf16", "--json", str(out)]
+    # As on the GPU machines: neither Spark nor TensorFlow can be imported.
+    code = ("import sys; sys.modules['pyspark'] = None; sys.modules['tensorflow'] = None\n"
+            f"from imgfeat.bench.task import main; sys.exit(main({args!r}))")
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": os.path.join(ROOT, "lib")}, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["images"] == data["featurized"] == 24 and data["precision"] == "bf16" and data["engine"] == "torch"
+    assert data["images_per_s"] > 0 and data["decode_s"] > 0 and data["inference_s"] > 0

@@ -51,7 +51,7 @@ def test_wrong_values_fail_with_the_setting_named(item, message):
 
 
 def test_parse_set_reads_yaml_values():
-    assert parse_set("inference.mixed_precision=true") == (["inference", "mixed_precision"], True)
+    assert parse_set("inference.warmup=true") == (["inference", "warmup"], True)
     assert parse_set("input.extensions=[jpg, png]") == (["input", "extensions"], ["jpg", "png"])
     with pytest.raises(ConfigError, match="key=value"):
         parse_set("nonsense")

@@ -219,3 +219,49 @@ def test_keras_backbones_also_run_on_the_torch_backend_with_the_same_weights(tmp
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["backend"] == "torch"
     np.testing.assert_allclose(np.array(result["features"]), on_tensorflow, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "tv_resnet50"])
+def test_bf16_features_are_within_cosine_0_9999_of_fp32(name):
+    from imgfeat.demo.samples import realistic_xray_array
+    from imgfeat.engines import EngineOptions, get_predictor
+
+    rng = np.random.default_rng(12)
+    batch = np.stack([np.repeat(realistic_xray_array(rng, (224, 224), i % 2 == 1)[:, :, None] * 255, 3, axis=2)
+                      for i in range(4)]).astype(np.float32)
+    backbone = get_backbone(name)
+    source = resolve_weights(backbone, "none")
+    fp32 = get_predictor(name, source, source.read_bytes, EngineOptions(threads=2, precision="fp32"))(batch)
+    bf16 = get_predictor(name, source, source.read_bytes, EngineOptions(threads=2, precision="bf16"))(batch)
+    cosine = (fp32 * bf16).sum(1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(bf16, axis=1)
+    assert cosine.min() >= 0.9999, cosine
+    assert not np.array_equal(fp32, bf16)  # bf16 really ran
+
+
+def test_the_predictor_does_not_modify_its_input():
+    from imgfeat.engines import EngineOptions, get_predictor
+
+    backbone = get_backbone("resnet50")
+    source = resolve_weights(backbone, "none")
+    predict = get_predictor("resnet50", source, source.read_bytes, EngineOptions(threads=2))
+    batch = np.random.default_rng(0).uniform(0, 255, (2, 224, 224, 3)).astype(np.float32)
+    before = batch.copy()
+    first = predict(batch)
+    np.testing.assert_array_equal(batch, before)  # keras' caffe preprocess_input works in place on NumPy input
+    np.testing.assert_array_equal(predict(batch), first)
+
+
+def test_precision_is_recorded_and_rows_of_two_precisions_never_mix(spark, samples, tmp_path):
+    from imgfeat.featurize.settings import SettingsError, precision_from_settings
+
+    out = str(tmp_path / "feats")
+    run_extract(spark, tiny_config(samples.root, out, "model.name=tiny_torch", "inference.precision=bf16"))
+    recorded = {r["preprocess"] for r in spark.read.parquet(out).select("preprocess").distinct().collect()}
+    assert [precision_from_settings(t) for t in recorded] == ["bf16"]
+    with pytest.raises(SettingsError, match="precision: 'bf16' -> 'fp32'"):
+        run_extract(spark, tiny_config(samples.root, out, "model.name=tiny_torch"))
+    with pytest.raises(RuntimeError, match="fp16 needs a GPU"):
+        from imgfeat.engines import EngineOptions, get_predictor
+
+        source = resolve_weights(get_backbone("tiny_torch"), "none")
+        get_predictor("tiny_torch", source, source.read_bytes, EngineOptions(precision="fp16", device="cpu"))

@@ -118,7 +118,9 @@ class InferenceConfig:
     # Threads of the inference framework (TensorFlow or PyTorch) per Python worker; 0 = cores / task slots.
     tf_threads: int = 0
     device: Literal["auto", "cpu", "gpu"] = "auto"
-    mixed_precision: bool = False
+    # Arithmetic of the model: fp32 | bf16 (Keras mixed_bfloat16, torch bf16 autocast; fast on CPUs with AVX512_BF16
+    # or AMX and on recent GPUs) | fp16 (GPU only). Recorded with the features: rows of two precisions never mix.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     # Rows per Arrow batch handed to the UDF (images are large rows).
     arrow_batch_rows: int = 64
     # Decode images in this many threads inside each Python worker (Pillow releases the GIL).

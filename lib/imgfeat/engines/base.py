@@ -24,7 +24,7 @@ Predictor = Callable[[np.ndarray], np.ndarray]
 class EngineOptions:
     threads: int = 0  # framework intra-op threads in this process (0 = all cores)
     device: str = "auto"  # auto | cpu | gpu
-    mixed_precision: bool = False  # keras: mixed_float16 on GPU; torch: bf16 autocast (CPU) / fp16 (GPU)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (GPU only)
     input_size: int | None = None  # None = the backbone's own
 
 

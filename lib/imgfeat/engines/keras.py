@@ -105,11 +105,13 @@ class KerasEngine(Engine):
         return model
 
     def preprocess(self, backbone: Backbone, batch: Any) -> Any:
-        """The backbone's own ``preprocess_input`` on a float32 (n, s, s, 3) batch in 0..255."""
+        """The backbone's own ``preprocess_input`` on a float32 (n, s, s, 3) batch in 0..255 (never in place:
+        keras.applications' "caffe" preprocessing subtracts its means from a NumPy input in place)."""
         if backbone.preprocess_module == "tiny":
             return batch / 127.5 - 1.0
         import keras
 
+        batch = np.array(batch, dtype=np.float32, copy=True) if isinstance(batch, np.ndarray) else batch
         return getattr(keras.applications, backbone.preprocess_module).preprocess_input(batch)
 
     def forward(self, model: Any, batch: np.ndarray) -> np.ndarray:
@@ -122,18 +124,28 @@ class KerasEngine(Engine):
         if keras.backend.backend() != "tensorflow":
             return self._backend_predictor(keras, backbone, source, file_bytes, options)
         tf = configure_tensorflow(options.threads, options.device)
-
-        if options.mixed_precision and tf.config.list_physical_devices("GPU"):
-            keras.mixed_precision.set_global_policy("mixed_float16")
         size = options.input_size or backbone.input_size
-        model = self.build_model(backbone, source, file_bytes, input_size=size)
+        policy = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}[options.precision]
+        if options.precision == "fp16" and not tf.config.list_physical_devices("GPU"):
+            raise RuntimeError("inference.precision=fp16 needs a GPU (TensorFlow sees none); use bf16 on CPUs")
+        model = self.build_model(backbone, source, file_bytes, input_size=size)  # float32: the weights as given
+        if policy != "float32":
+            # The same weights in a model built under the policy (building under it directly would draw a seeded
+            # init differently); the process-wide default goes back to float32.
+            keras.mixed_precision.set_global_policy(policy)
+            try:
+                mixed = build_architecture(backbone, size)
+            finally:
+                keras.mixed_precision.set_global_policy("float32")
+            mixed.set_weights(model.get_weights())
+            model = mixed
 
         @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)], reduce_retracing=True)
         def _infer(x: Any) -> Any:
             return tf.cast(model(x, training=False), tf.float32)
 
         def predict(batch: np.ndarray) -> np.ndarray:
-            x = self.preprocess(backbone, np.ascontiguousarray(batch, dtype=np.float32))
+            x = self.preprocess(backbone, batch)
             return _infer(tf.convert_to_tensor(x, dtype=tf.float32)).numpy()
 
         return predict

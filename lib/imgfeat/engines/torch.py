@@ -97,14 +97,20 @@ class TorchEngine(Engine):
         model = self.build_model(backbone, source, file_bytes, input_size=size).to(device)
         mean = torch.tensor(backbone.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         std = torch.tensor(backbone.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        autocast_dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+        if options.precision == "fp16" and device.type != "cuda":
+            raise RuntimeError("inference.precision=fp16 needs a GPU (torch sees no CUDA device); use bf16 on CPUs")
+        autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.precision)
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
 
         def predict(batch: np.ndarray) -> np.ndarray:
             with torch.inference_mode():
-                x = torch.as_tensor(np.ascontiguousarray(batch)).to(device).permute(0, 3, 1, 2).float()
+                x = torch.as_tensor(np.ascontiguousarray(batch)).to(device, non_blocking=True).permute(0, 3, 1, 2).float()
                 x = (x - mean) / std
-                if options.mixed_precision:
-                    with torch.autocast(device.type, dtype=autocast_dtype):
+                if device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                if autocast is not None:
+                    with torch.autocast(device.type, dtype=autocast):
                         out = model(x)
                 else:
                     out = model(x)

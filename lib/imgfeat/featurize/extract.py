@@ -128,7 +128,7 @@ def featurize_spec(spark: SparkSession, cfg: Config, source: WeightsSource) -> F
         batch_size=cfg.inference.batch_size,
         tf_threads=tf_threads_for(spark, cfg.inference.tf_threads),
         device=cfg.inference.device,
-        mixed_precision=cfg.inference.mixed_precision,
+        precision=cfg.inference.precision,
         decode_threads=cfg.inference.decode_threads,
         float16_column=cfg.output.float16_column,
         secret=id_salt(cfg.privacy.id_salt),
@@ -314,7 +314,7 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
     run_id = uuid.uuid4().hex[:12]
 
     spec = featurize_spec(spark, cfg, resolved)
-    settings = settings_json(backbone, engine, spec.decode)
+    settings = settings_json(backbone, engine, spec.decode, spec.precision)
     check_recorded_settings(spark, cfg, fmt, backbone.name, resolved.weights_id, settings)
     broadcast = broadcast_weights(spark, resolved)
     warmup = _start_warmup(spark, spec, broadcast) if cfg.inference.warmup else None

@@ -21,12 +21,17 @@ class SettingsError(ValueError):
     """A features table's recorded preprocessing is missing, mixed, or differs from what a run would use."""
 
 
-def settings_json(backbone: Backbone, engine: str, decode: DecodeOptions) -> str:
-    return json.dumps({"engine": engine, "input": backbone.preprocessing, "decode": decode.to_dict()}, sort_keys=True)
+def settings_json(backbone: Backbone, engine: str, decode: DecodeOptions, precision: str = "fp32") -> str:
+    return json.dumps({"engine": engine, "input": backbone.preprocessing, "precision": precision,
+                       "decode": decode.to_dict()}, sort_keys=True)
 
 
 def decode_from_settings(text: str) -> DecodeOptions:
     return DecodeOptions.from_dict(json.loads(text)["decode"])
+
+
+def precision_from_settings(text: str) -> str:
+    return json.loads(text).get("precision", "fp32")
 
 
 def describe_difference(recorded: str, wanted: str) -> str:

@@ -53,6 +53,8 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
                    TypeConverters.toString)
     outputType = Param(Params._dummy(), "outputType", "vector (ML Vector) | array (array<float>)", TypeConverters.toString)
     errorCol = Param(Params._dummy(), "errorCol", "column for decode errors ('' = none)", TypeConverters.toString)
+    precision = Param(Params._dummy(), "precision", "fp32 | bf16 | fp16 (GPU): the arithmetic the features were made with",
+                      TypeConverters.toString)
     tfThreads = Param(Params._dummy(), "tfThreads", "TensorFlow / PyTorch threads per worker (0 = automatic)", TypeConverters.toInt)
 
     @keyword_only
@@ -77,6 +79,7 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
         outputType: str = "vector",
         errorCol: str = "featurize_error",
         tfThreads: int = 0,
+        precision: str = "fp32",
     ) -> None:
         super().__init__()
         self._setDefault(
@@ -85,7 +88,7 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
             resample="bilinear", highBitDepth="minmax", maxPixels=DecodeOptions.max_pixels,
             jpegDraft=DecodeOptions.jpeg_draft, formats=",".join(DecodeOptions.formats),
             dicomWindow=DecodeOptions.dicom_window, volume=DecodeOptions.volume, outputType="vector",
-            errorCol="featurize_error", tfThreads=0,
+            errorCol="featurize_error", tfThreads=0, precision="fp32",
         )
         self._set(**self._input_kwargs)
 
@@ -138,6 +141,7 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
             decode=self.decode_options(),
             batch_size=self.getOrDefault("batchSize"),
             tf_threads=tf_threads_for(dataset.sparkSession, self.getOrDefault("tfThreads")),
+            precision=self.getOrDefault("precision"),
         )
         spark = dataset.sparkSession
         data = source.read_bytes()

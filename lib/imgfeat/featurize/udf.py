@@ -54,7 +54,7 @@ class FeaturizeSpec:
     batch_size: int = 32
     tf_threads: int = 1
     device: str = "auto"
-    mixed_precision: bool = False
+    precision: str = "fp32"
     decode_threads: int = 1
     float16_column: bool = False
     # Secret keying DICOM patient ids (privacy.id_salt); kept out of ``decode``, which is recorded with the rows.
@@ -170,7 +170,7 @@ def _predictor(spec: FeaturizeSpec, weights_broadcast: Any) -> Callable[[np.ndar
     from imgfeat.engines import EngineOptions, engine_of
     from imgfeat.engines.base import cached_predictor
 
-    options = EngineOptions(threads=spec.tf_threads, device=spec.device, mixed_precision=spec.mixed_precision,
+    options = EngineOptions(threads=spec.tf_threads, device=spec.device, precision=spec.precision,
                             input_size=spec.decode.size)
     return cached_predictor(engine_of(spec.backbone), spec.backbone, spec.weights,
                             lambda: None if weights_broadcast is None else weights_broadcast.value, options)

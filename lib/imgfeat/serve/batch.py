@@ -155,6 +155,7 @@ def _featurize_config(cfg: Config, featurizer: Any) -> Config:
     fcfg.preprocess.formats = list(decode.formats)
     fcfg.preprocess.dicom.window = decode.dicom_window
     fcfg.preprocess.volume = decode.volume
+    fcfg.inference.precision = featurizer.getOrDefault("precision")
     fcfg.output.float16_column = False
     return fcfg
 

@@ -137,7 +137,7 @@ def featurizer_for(model: str, weights_id: str, cfg: Config, settings: str | Non
     ``settings``: the preprocessing recorded with the features (``imgfeat.featurize.settings``); it, not this
     run's ``preprocess`` settings, decides how the logged model prepares images.
     """
-    from imgfeat.featurize.settings import decode_from_settings
+    from imgfeat.featurize.settings import decode_from_settings, precision_from_settings
     from imgfeat.featurize.transformer import ImageFeaturizer
 
     if weights_id.startswith("none-seed"):
@@ -153,8 +153,9 @@ def featurizer_for(model: str, weights_id: str, cfg: Config, settings: str | Non
             )
     else:
         raise ValueError(f"unrecognised weights id {weights_id!r} for {model} in the features table")
+    precision = cfg.inference.precision
     if settings is not None:
-        decode = decode_from_settings(settings)
+        decode, precision = decode_from_settings(settings), precision_from_settings(settings)
     else:
         from imgfeat.featurize.extract import decode_options
 
@@ -165,7 +166,7 @@ def featurizer_for(model: str, weights_id: str, cfg: Config, settings: str | Non
         decode = decode_options(with_model)
     return ImageFeaturizer.from_decode_options(
         decode, inputCol="content", outputCol=FEATURES_COL, modelName=model, weights=weights, weightsSha256=sha,
-        seed=seed, batchSize=cfg.inference.batch_size, outputType="vector",
+        seed=seed, batchSize=cfg.inference.batch_size, outputType="vector", precision=precision,
     )
 
 
