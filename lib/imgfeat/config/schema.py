@@ -256,6 +256,21 @@ class PredictConfig:
 
 
 @dataclass
+class ServeConfig:
+    # runs:/RUN_ID (a child run of `train`), models:/NAME/VERSION, or a pyfunc model's own URI (--model-uri).
+    model_uri: str | None = None
+    # Loopback unless told otherwise; any other address needs a bearer token ($IMGFEAT_SERVE_TOKEN or --token).
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Uploads larger than this are refused with 413 before they are read.
+    max_upload_mb: float = 50.0
+    # Requests allowed to wait while the model scores another; further ones get 503 (bounded memory).
+    max_waiting: int = 8
+    # Framework threads for the model (0 = all cores).
+    threads: int = 0
+
+
+@dataclass
 class MlflowConfig:
     # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory.
     tracking_uri: str | None = None
@@ -281,6 +296,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -53,6 +53,12 @@ class Engine(ABC):
                        options: EngineOptions) -> Predictor:
         """Configure the framework for this process and return the batch predictor."""
 
+    def make_map_predictor(self, backbone: Backbone, source: WeightsSource, file_bytes: bytes | None,
+                           options: EngineOptions) -> Predictor:
+        """``maps(batch) -> float32 (n, h, w, feature_dim)``: the last convolutional feature map, whose spatial mean is
+        what the predictor returns (class activation maps are exact because of that)."""
+        raise NotImplementedError(f"the {self.name} engine has no feature-map predictor")
+
     def check_weights_file(self, backbone: Backbone, source: WeightsSource) -> None:
         """Load a user's weights file into the architecture once on the driver: fail here, with the file named."""
         self.build_model(backbone, source)

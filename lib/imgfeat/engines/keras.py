@@ -164,3 +164,22 @@ class KerasEngine(Engine):
             return np.asarray(keras.ops.convert_to_numpy(model(x, training=False)), dtype=np.float32)
 
         return predict
+
+    def make_map_predictor(self, backbone: Backbone, source: WeightsSource, file_bytes: bytes | None,
+                           options: EngineOptions) -> Predictor:
+        """The input of the final GlobalAveragePooling2D (n, h, w, c): the feature map the features average."""
+        import keras
+
+        if keras.backend.backend() == "tensorflow":
+            configure_tensorflow(options.threads, options.device)
+        model = self.build_model(backbone, source, file_bytes, input_size=options.input_size or backbone.input_size)
+        pool = model.layers[-1]
+        if not isinstance(pool, keras.layers.GlobalAveragePooling2D):
+            raise NotImplementedError(f"{backbone.name}: the last layer is {type(pool).__name__}, not global average pooling")
+        maps_model = keras.Model(model.input, pool.input)
+
+        def maps(batch: np.ndarray) -> np.ndarray:
+            x = self.preprocess(backbone, np.ascontiguousarray(batch, dtype=np.float32))
+            return np.asarray(keras.ops.convert_to_numpy(maps_model(x, training=False)), dtype=np.float32)
+
+        return maps

@@ -117,3 +117,20 @@ class TorchEngine(Engine):
                 return out.float().cpu().numpy()
 
         return predict
+
+    def make_map_predictor(self, backbone: Backbone, source: WeightsSource, file_bytes: bytes | None,
+                           options: EngineOptions) -> Predictor:
+        """The last feature map (n, h, w, c) in float32, on the CPU or GPU as the predictor."""
+        torch = configure_torch(options.threads)
+        device = _device(torch, options.device)
+        size = options.input_size or backbone.input_size
+        model = self.build_model(backbone, source, file_bytes, input_size=size).to(device)
+        mean = torch.tensor(backbone.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(backbone.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+
+        def maps(batch: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                x = torch.as_tensor(np.ascontiguousarray(batch)).to(device).permute(0, 3, 1, 2).float()
+                return model.feature_maps((x - mean) / std).permute(0, 2, 3, 1).float().cpu().numpy()
+
+        return maps

@@ -3,7 +3,8 @@ torchvision's ImageNet checkpoints load), EfficientNet-Lite0 from ``efficientnet
 
 torchvision itself is not used: its wheels do not import with the CPU torch build that every machine here
 has (``operator torchvision::nms does not exist``). Each network keeps its classifier, so full checkpoints load
-strictly; ``forward`` returns the globally average-pooled features the classifier would see.
+strictly; ``forward`` returns the globally average-pooled features the classifier would see, ``feature_maps`` the
+map they are the spatial mean of (for class activation maps).
 """
 
 from __future__ import annotations
@@ -77,10 +78,14 @@ class ResNet(nn.Module):
         layers += [Bottleneck(self.inplanes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """The last convolutional feature map (n, 2048, h, w); ``forward`` is its spatial mean."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return torch.flatten(self.avgpool(x), 1)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.avgpool(self.feature_maps(x)), 1)
 
 
 class _DenseLayer(nn.Module):
@@ -150,9 +155,12 @@ class DenseNet(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.constant_(m.bias, 0)
 
+    def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """The last feature map after its ReLU (n, 1024, h, w); ``forward`` is its spatial mean."""
+        return F.relu(self.features(x), inplace=True)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.features(x), inplace=True)
-        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return torch.flatten(F.adaptive_avg_pool2d(self.feature_maps(x), 1), 1)
 
 
 # torchvision's DenseNet checkpoints predate module names without dots ("norm.1" for "norm1").
@@ -168,8 +176,12 @@ class EfficientNetLite(nn.Module):
 
         self.net = EfficientNet.from_name(variant, image_size=image_size)
 
+    def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """The last convolution's output (n, 1280, h, w); ``forward`` is its spatial mean."""
+        return self.net.extract_features(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(self.net._avg_pooling(self.net.extract_features(x)), 1)
+        return torch.flatten(self.net._avg_pooling(self.feature_maps(x)), 1)
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         """Take the package's own checkpoint (keys without the ``net.`` prefix) as well as ours."""
@@ -186,9 +198,11 @@ class TinyNet(nn.Module):
         self.conv1 = nn.Conv2d(3, 8, 3)
         self.conv2 = nn.Conv2d(8, dim, 3, stride=2)
 
+    def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.conv2(F.relu(self.conv1(x))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.conv2(F.relu(self.conv1(x))))
-        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return torch.flatten(F.adaptive_avg_pool2d(self.feature_maps(x), 1), 1)
 
 
 ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {

@@ -1,0 +1,200 @@
+"""A trained imgfeat model without Spark: image bytes -> label, class probabilities, and where the model looked.
+
+``train`` writes one folder per child run (``write_classifier``) and logs it inside an MLflow pyfunc model
+(``imgfeat.scoring.pyfunc``):
+
+    classifier.json   backbone (name, engine, weights id and how to get the weights), decode settings, precision,
+                      labels, head name
+    head/             the head as arrays (``imgfeat.scoring.heads``)
+    weights/<file>    the backbone's weights file, when the features came from a user's file
+
+Images are decoded by the same ``decode_file`` with the settings recorded with the training features, and
+featurized by the same engine predictor as ``extract``, so scores equal the Spark ``PipelineModel``'s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from imgfeat.backbones.registry import get_backbone
+from imgfeat.io.decoders import DecodeError, DecodeOptions, decode_file
+from imgfeat.scoring.heads import HeadArrays
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Prediction:
+    """One input's outcome: a label and probabilities, or an error class and message (never both)."""
+
+    label: str | None = None
+    probabilities: dict[str, float] | None = None
+    error_class: str | None = None
+    error_message: str | None = None
+    width: int | None = None
+    height: int | None = None
+    format: str | None = None
+    heatmap: np.ndarray | None = field(default=None, repr=False)  # (h, w) in 0..1 over the model's input
+    heatmap_png: bytes | None = field(default=None, repr=False)  # the map drawn over the image
+    explanation: str | None = None  # exact | gradient | path: how the map relates to the score
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"label": self.label, "probabilities": self.probabilities, "error_class": self.error_class,
+               "error_message": self.error_message, "width": self.width, "height": self.height, "format": self.format}
+        if self.explanation:
+            out["explanation"] = self.explanation
+        return out
+
+
+def write_classifier(folder: str, *, model_name: str, weights: str, weights_sha256: str, seed: int, weights_id: str,
+                     weights_file: str | None, decode: DecodeOptions, precision: str, labels: list[str], head_name: str,
+                     head: HeadArrays, run_id: str | None = None) -> str:
+    """Write the folder ``ImageClassifier.load`` reads; returns it."""
+    os.makedirs(folder, exist_ok=True)
+    backbone = get_backbone(model_name)
+    kind = "file" if weights_file else weights
+    description = {
+        "format_version": FORMAT_VERSION, "backbone": model_name, "engine": backbone.engine,
+        "input_size": decode.size, "feature_dim": backbone.feature_dim, "weights": kind, "weights_id": weights_id,
+        "weights_sha256": weights_sha256, "seed": seed, "decode": decode.to_dict(), "precision": precision,
+        "labels": list(labels), "head": head_name, "head_kind": head.kind, "run_id": run_id,
+    }
+    if weights_file:
+        os.makedirs(os.path.join(folder, "weights"), exist_ok=True)
+        name = os.path.basename(weights_file)
+        shutil.copyfile(weights_file, os.path.join(folder, "weights", name))
+        description["weights_file"] = f"weights/{name}"
+    head.save(os.path.join(folder, "head"))
+    with open(os.path.join(folder, "classifier.json"), "w", encoding="utf-8") as fh:
+        json.dump(description, fh, indent=2)
+    return folder
+
+
+class ImageClassifier:
+    """Backbone + head, loaded once; ``predict`` and ``explain`` are safe to call from several threads
+    (model calls are serialised: one CPU model at a time is fastest, and memory stays bounded)."""
+
+    def __init__(self, folder: str, threads: int = 0, device: str = "auto"):
+        with open(os.path.join(folder, "classifier.json"), encoding="utf-8") as fh:
+            self.info: dict[str, Any] = json.load(fh)
+        if self.info.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{folder}: classifier format {self.info.get('format_version')} is not {FORMAT_VERSION}; "
+                             "this imgfeat cannot read it")
+        self.folder = folder
+        self.labels: list[str] = self.info["labels"]
+        self.decode = DecodeOptions.from_dict(self.info["decode"])
+        self.head = HeadArrays.load(os.path.join(folder, "head"))
+        self.backbone = get_backbone(self.info["backbone"])
+        self.threads, self.device = threads, device
+        self._lock = threading.Lock()
+        self._predict: Any = None
+        self._maps: Any = None
+
+    # -- model ------------------------------------------------------------------------------------
+
+    def _source(self) -> Any:
+        from imgfeat.engines import resolve_weights
+
+        info = self.info
+        if info["weights"] == "file":
+            weights = os.path.join(self.folder, info["weights_file"])
+        else:
+            weights = info["weights"]
+        return resolve_weights(self.backbone, weights, int(info["seed"]), info.get("weights_sha256") or None)
+
+    def _options(self) -> Any:
+        from imgfeat.engines import EngineOptions
+
+        return EngineOptions(threads=self.threads, device=self.device, precision=self.info["precision"],
+                             input_size=self.decode.size)
+
+    def load(self) -> ImageClassifier:
+        """Build the backbone now (the first request would otherwise pay for it)."""
+        with self._lock:
+            self._ensure_predictor()
+        return self
+
+    def _ensure_predictor(self) -> Any:
+        if self._predict is None:
+            from imgfeat.engines import engine_of
+
+            source = self._source()
+            if source.weights_id != self.info["weights_id"]:
+                raise ValueError(f"the backbone's weights resolved to {source.weights_id}, but the model was trained "
+                                 f"on {self.info['weights_id']}")
+            self._predict = engine_of(self.backbone).make_predictor(self.backbone, source, None, self._options())
+        return self._predict
+
+    def _ensure_maps(self) -> Any:
+        if self._maps is None:
+            from imgfeat.engines import engine_of
+
+            self._maps = engine_of(self.backbone).make_map_predictor(self.backbone, self._source(), None, self._options())
+        return self._maps
+
+    def describe(self) -> dict[str, Any]:
+        keys = ("backbone", "engine", "weights_id", "head", "labels", "input_size", "precision", "run_id")
+        return {k: self.info.get(k) for k in keys}
+
+    # -- scoring ----------------------------------------------------------------------------------
+
+    def decode_one(self, data: bytes | None) -> Any:
+        """The first model input of ``data`` (a 2D image, or a volume's selected slice), or the DecodeError."""
+        try:
+            return decode_file(data, self.decode)[0]
+        except DecodeError as exc:
+            return exc
+        except Exception as exc:  # a decoder's own failure is this input's error, not the server's
+            return DecodeError("decode_failed", f"unexpected {type(exc).__name__}: {exc}")
+
+    def predict(self, contents: list[bytes | None], explain: bool = False,
+                timings: dict[str, float] | None = None) -> list[Prediction]:
+        """One ``Prediction`` per input, in order; bad inputs get their error class and message."""
+        timings = timings if timings is not None else {}
+        t0 = time.perf_counter()
+        decoded = [self.decode_one(c) for c in contents]
+        out = [Prediction() for _ in contents]
+        ok = []
+        for i, d in enumerate(decoded):
+            if isinstance(d, DecodeError):
+                out[i].error_class, out[i].error_message = d.error_class, d.message
+            else:
+                out[i].width, out[i].height, out[i].format = d.width, d.height, d.format
+                ok.append(i)
+        t1 = time.perf_counter()
+        timings["decode_ms"] = timings.get("decode_ms", 0.0) + 1000 * (t1 - t0)
+        if not ok:
+            return out
+        size = self.decode.size
+        batch = np.empty((len(ok), size, size, 3), dtype=np.float32)  # as featurize_batch builds it
+        for k, i in enumerate(ok):
+            batch[k] = decoded[i].array
+        with self._lock:
+            features = np.asarray(self._ensure_predictor()(batch), dtype=np.float32)
+            maps = np.asarray(self._ensure_maps()(batch), dtype=np.float32) if explain else None
+        t2 = time.perf_counter()
+        timings["inference_ms"] = timings.get("inference_ms", 0.0) + 1000 * (t2 - t1)
+        index, proba = self.head.predict(features.astype(np.float64))
+        for k, i in enumerate(ok):
+            out[i].label = self.labels[int(index[k])]
+            out[i].probabilities = {label: float(proba[k, j]) for j, label in enumerate(self.labels)}
+        t3 = time.perf_counter()
+        timings["head_ms"] = timings.get("head_ms", 0.0) + 1000 * (t3 - t2)
+        if maps is not None:
+            from imgfeat.scoring.explain import class_map, overlay_png
+
+            for k, i in enumerate(ok):
+                heat, how = class_map(self.head, maps[k], features[k], int(index[k]))
+                out[i].heatmap, out[i].explanation = heat, how
+                out[i].heatmap_png = overlay_png(decoded[i].array, heat, decoded[i].width, decoded[i].height,
+                                                 self.decode.resize_mode)
+            timings["explain_ms"] = timings.get("explain_ms", 0.0) + 1000 * (time.perf_counter() - t3)
+        return out
