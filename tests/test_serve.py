@@ -194,7 +194,9 @@ def _post_json(url: str, payload: dict, timeout: float = 60) -> dict:
 def test_mlflow_models_serve_answers_on_loopback(samples, served_runs, store):
     runs, _ = served_runs
     port = _free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
+    # mlflow execs `uvicorn` from PATH: this environment's, as after `source .venv/bin/activate`.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store,
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{runs['lr']}/pyfunc_model",
                              "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

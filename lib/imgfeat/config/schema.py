@@ -265,7 +265,7 @@ class ServeConfig:
     # Uploads larger than this are refused with 413 before they are read.
     max_upload_mb: float = 50.0
     # Requests allowed to wait while the model scores another; further ones get 503 (bounded memory).
-    max_waiting: int = 8
+    max_waiting: int = 32
     # Framework threads for the model (0 = all cores).
     threads: int = 0
 

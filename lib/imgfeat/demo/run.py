@@ -79,6 +79,11 @@ def run_demo(
         print(f"\n[demo] backbone x head on the held-out split (sorted by macro F1):\n{table.to_string(index=False)}")
     print(f"\n[demo] done: {len(train.runs)} runs in MLflow experiment {EXPERIMENT!r}. Open them with:")
     print(f"[demo]   mlflow ui --backend-store-uri {tracking_uri}")
+    if train.best_run_id:
+        print("[demo] Try the best model on one image, in a browser at http://127.0.0.1:8000/ (docs/serving.md):")
+        print(f"[demo]   .venv/bin/imgfeat serve --model-uri runs:/{train.best_run_id} --tracking-uri {tracking_uri}")
+        print(f"[demo]   mlflow models serve -m runs:/{train.best_run_id}/pyfunc_model --env-manager local -p 5001   "
+              f"(with MLFLOW_TRACKING_URI={tracking_uri})")
     return results
 
 

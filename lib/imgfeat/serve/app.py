@@ -11,15 +11,21 @@ Bad input is a 4xx with a reason (``detail``, ``error_class``), never a 500: an 
 ``max_upload_bytes`` (413, checked before reading and while reading), a content type that is not an image
 (415), bytes that do not decode (422 with the decoder's error class: not_an_image, truncated, too_large for
 decompression bombs, ...). At most one model call runs at a time; up to ``max_waiting`` requests wait for it and
-further ones get 503 with Retry-After, so memory stays bounded (about max_waiting x max_upload_bytes).
+further ones get 503 with Retry-After, so memory stays bounded (about max_waiting x max_upload_bytes). Requests
+that arrive while the model is busy are scored together in the next batch (at most ``max_batch`` images): one
+model call for several clients, no added wait for a lone one.
 """
 
 
+import asyncio
 import base64
 import hmac
 import logging
+import queue
 import threading
 import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any
 
 from imgfeat.scoring.classifier import ImageClassifier
@@ -46,18 +52,85 @@ class BadRequest(Exception):
         self.status, self.detail, self.extra = status, detail, extra
 
 
+@dataclass
+class _Job:
+    contents: list[bytes]
+    explain: bool
+    future: Future = field(default_factory=Future)
+    queued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """One thread owns the model: it takes every job waiting when it is free and scores them in one call."""
+
+    def __init__(self, classifier: ImageClassifier, max_waiting: int, max_batch: int = 16):
+        self.classifier, self.max_waiting, self.max_batch = classifier, max_waiting, max_batch
+        self.jobs: queue.Queue[_Job] = queue.Queue()
+        self._pending = 0
+        self._lock = threading.Lock()
+        threading.Thread(target=self._run, name="imgfeat-model", daemon=True).start()
+
+    def submit(self, contents: list[bytes], explain: bool) -> Future:
+        """A future of (predictions, timings); BadRequest(503) when 1 + max_waiting jobs are already in."""
+        with self._lock:
+            if self._pending >= 1 + self.max_waiting:
+                raise BadRequest(503, f"busy: {self._pending} requests are already running or waiting; retry shortly")
+            self._pending += 1
+        job = _Job(contents, explain)
+        self.jobs.put(job)
+        return job.future
+
+    def _run(self) -> None:
+        while True:
+            batch = [self.jobs.get()]
+            images = len(batch[0].contents)
+            while images < self.max_batch:
+                try:
+                    job = self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                batch.append(job)
+                images += len(job.contents)
+            for explain in (False, True):
+                group = [j for j in batch if j.explain == explain]
+                if group:
+                    self._score(group, explain)
+
+    def _score(self, group: list[_Job], explain: bool) -> None:
+        started = time.perf_counter()
+        timings: dict[str, float] = {}
+        try:
+            predictions = self.classifier.predict([c for j in group for c in j.contents], explain=explain, timings=timings)
+        except Exception as exc:  # the model failed: every request of the batch learns it (500 with the reason)
+            log.exception("scoring a batch of %d requests failed", len(group))
+            self._release(len(group))
+            for job in group:
+                job.future.set_exception(exc)
+            return
+        timings["batch_images"] = float(len(predictions))
+        self._release(len(group))  # before answering: a client's next request must find its slot free
+        at = 0
+        for job in group:
+            job.future.set_result((predictions[at:at + len(job.contents)], {**timings, "queue_ms": 1000 * (started - job.queued)}))
+            at += len(job.contents)
+
+    def _release(self, n: int) -> None:
+        with self._lock:
+            self._pending -= n
+
+
 def create_app(classifier: ImageClassifier, *, model_uri: str = "", token: str | None = None,
-               max_upload_bytes: int = DEFAULT_MAX_UPLOAD, max_files: int = 16, max_waiting: int = 8) -> Any:
+               max_upload_bytes: int = DEFAULT_MAX_UPLOAD, max_files: int = 16, max_waiting: int = 32,
+               max_batch: int = 16) -> Any:
     """The ASGI app serving ``classifier``."""
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, Response
-    from starlette.concurrency import run_in_threadpool
 
     from imgfeat.serve.page import PAGE
 
     app = FastAPI(title="imgfeat", version="1", description="Chest X-ray classification with a model trained by imgfeat.")
     model = {**classifier.describe(), "model_uri": model_uri}
-    slots = threading.BoundedSemaphore(1 + max_waiting)
+    batcher = Batcher(classifier, max_waiting, max_batch)
 
     @app.exception_handler(BadRequest)
     async def _bad(request: Request, exc: BadRequest) -> JSONResponse:
@@ -107,14 +180,8 @@ def create_app(classifier: ImageClassifier, *, model_uri: str = "", token: str |
             raise BadRequest(400, "the request body is empty: send the image bytes")
         return [("body", body)]
 
-    def _score(files: list[tuple[str, bytes]], explain: bool) -> tuple[list[Any], dict[str, float]]:
-        if not slots.acquire(blocking=False):
-            raise BadRequest(503, f"busy: {1 + max_waiting} requests are already running or waiting; retry shortly")
-        try:
-            timings: dict[str, float] = {}
-            return classifier.predict([data for _, data in files], explain=explain, timings=timings), timings
-        finally:
-            slots.release()
+    async def _score(files: list[tuple[str, bytes]], explain: bool) -> tuple[list[Any], dict[str, float]]:
+        return await asyncio.wrap_future(batcher.submit([data for _, data in files], explain))
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
@@ -130,7 +197,7 @@ def create_app(classifier: ImageClassifier, *, model_uri: str = "", token: str |
         _authorise(request)
         files = await _uploads(request)
         read_ms = 1000 * (time.perf_counter() - started)
-        predictions, timings = await run_in_threadpool(_score, files, explain)
+        predictions, timings = await _score(files, explain)
         items = []
         for (name, _), p in zip(files, predictions, strict=True):
             item = {"filename": name, **p.to_dict()}
@@ -138,7 +205,8 @@ def create_app(classifier: ImageClassifier, *, model_uri: str = "", token: str |
                 item["heatmap_png"] = base64.b64encode(p.heatmap_png).decode("ascii")
             items.append(item)
         body = {"model": model, "predictions": items,
-                "timings_ms": {"read": round(read_ms, 2), **{k.removesuffix("_ms"): round(v, 2) for k, v in timings.items()},
+                "batch_images": int(timings.get("batch_images", len(items))), "timings_ms": {"read": round(read_ms, 2), **{k.removesuffix("_ms"): round(v, 2) for k, v in timings.items()
+                                                              if k != "batch_images"},
                                "total": round(1000 * (time.perf_counter() - started), 2)}}
         if all(p.error_class for p in predictions):
             first = predictions[0]
@@ -152,7 +220,7 @@ def create_app(classifier: ImageClassifier, *, model_uri: str = "", token: str |
     async def explain(request: Request) -> Response:
         _authorise(request)
         files = await _uploads(request)
-        predictions, _ = await run_in_threadpool(_score, files[:1], True)
+        predictions, _ = await _score(files[:1], True)
         p = predictions[0]
         if p.error_class:
             raise BadRequest(422, f"{p.error_class}: {p.error_message}", error_class=p.error_class)
@@ -168,7 +236,7 @@ def is_loopback(host: str) -> bool:
 
 def serve(classifier: ImageClassifier, *, host: str = "127.0.0.1", port: int = 8000, model_uri: str = "",
           token: str | None = None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, allow_anonymous: bool = False,
-          max_waiting: int = 8) -> None:
+          max_waiting: int = 32) -> None:
     """Run the app with uvicorn until interrupted. Anything but loopback needs a token (or ``allow_anonymous``)."""
     import uvicorn
 
