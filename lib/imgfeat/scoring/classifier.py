@@ -116,10 +116,13 @@ class ImageClassifier:
         return EngineOptions(threads=self.threads, device=self.device, precision=self.info["precision"],
                              input_size=self.decode.size)
 
-    def load(self) -> ImageClassifier:
-        """Build the backbone now (the first request would otherwise pay for it)."""
+    def load(self, maps: bool = False) -> ImageClassifier:
+        """Build the backbone now (the first request would otherwise pay for it); ``maps``: its feature-map
+        model for explanations too."""
         with self._lock:
             self._ensure_predictor()
+            if maps:
+                self._ensure_maps()
         return self
 
     def _ensure_predictor(self) -> Any:

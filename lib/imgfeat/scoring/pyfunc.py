@@ -103,13 +103,18 @@ def requirements(engine: str, backbone: str, formats: tuple[str, ...]) -> list[s
 
 def log_pyfunc_model(classifier_folder: str, engine: str, backbone: str, formats: tuple[str, ...]) -> Any:
     """Log ``classifier_folder`` as the active run's ``pyfunc_model``; returns MLflow's ModelInfo."""
+    import shutil
+    import tempfile
+
     import imgfeat
 
-    return mlflow.pyfunc.log_model(
-        name=MODEL_NAME, python_model=ImgfeatPyfunc(), artifacts={ARTIFACT: classifier_folder},
-        code_paths=[os.path.dirname(imgfeat.__file__)], pip_requirements=requirements(engine, backbone, formats),
-        signature=signature(),
-    )
+    with tempfile.TemporaryDirectory(prefix="imgfeat-code-") as tmp:
+        code = os.path.join(tmp, "imgfeat")  # the package's sources, without compiled caches
+        shutil.copytree(os.path.dirname(imgfeat.__file__), code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        return mlflow.pyfunc.log_model(
+            name=MODEL_NAME, python_model=ImgfeatPyfunc(), artifacts={ARTIFACT: classifier_folder}, code_paths=[code],
+            pip_requirements=requirements(engine, backbone, formats), signature=signature(),
+        )
 
 
 def load_classifier(model_uri: str) -> Any:

@@ -243,7 +243,7 @@ def serve(classifier: ImageClassifier, *, host: str = "127.0.0.1", port: int = 8
     if not is_loopback(host) and token is None and not allow_anonymous:
         raise ValueError(f"--host {host} exposes the model beyond this machine: set --token (or IMGFEAT_SERVE_TOKEN), "
                          "or pass --allow-anonymous if the network in front of it authenticates")
-    classifier.load()
+    classifier.load(maps=True)
     app = create_app(classifier, model_uri=model_uri, token=token, max_upload_bytes=max_upload_bytes,
                      max_waiting=max_waiting)
     log.info("serving %s on http://%s:%d/ (page), POST /predict, GET /health", model_uri, host, port)
