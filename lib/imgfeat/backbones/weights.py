@@ -140,7 +140,10 @@ def weights_source(backbone: Backbone, weights: str, seed: int = 42, pinned_sha2
         digest = sha256_file(path)
         _check_pin(path, digest, pinned_sha256)
         return WeightsSource(f"imagenet:sha256:{digest}", path=path)
-    path = os.path.abspath(os.path.expanduser(spec))
+    if spec.startswith("runs:/"):  # a fine-tuned backbone logged by `imgfeat finetune`
+        path = finetuned_backbone_file(spec)
+    else:
+        path = os.path.abspath(os.path.expanduser(spec))
     if not os.path.isfile(path):
         kinds = "a Keras weights file (.weights.h5 or .h5)" if backbone.engine == "keras" else "a PyTorch state dict (.pth)"
         raise WeightsError(
@@ -150,3 +153,20 @@ def weights_source(backbone: Backbone, weights: str, seed: int = 42, pinned_sha2
     digest = sha256_file(path)
     _check_pin(path, digest, pinned_sha256)
     return WeightsSource(f"sha256:{digest}", path=path)
+
+
+FINETUNED_ARTIFACT = "finetuned/backbone.pth"
+
+
+def finetuned_backbone_file(uri: str) -> str:
+    """The local copy of the backbone a fine-tune run logged (``runs:/RUN_ID``), from the MLflow store in use."""
+    import mlflow
+
+    run_id = uri.removeprefix("runs:/").strip("/").split("/")[0]
+    current = mlflow.get_tracking_uri()  # imgfeat's default store unless MLflow was pointed elsewhere
+    store = os.environ.get("MLFLOW_TRACKING_URI") or (current if not current.startswith("file:") else "sqlite:///mlflow.db")
+    try:
+        return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=FINETUNED_ARTIFACT, tracking_uri=store)
+    except Exception as exc:
+        raise WeightsError(f"model.weights={uri}: no {FINETUNED_ARTIFACT} in run {run_id} of {mlflow.get_tracking_uri()} "
+                           f"({type(exc).__name__}); pass a run of `imgfeat finetune`, or the .pth file itself") from None

@@ -1,4 +1,4 @@
-"""Command line: ``imgfeat extract|audit|train|compare|predict|serve|bench ...``.
+"""Command line: ``imgfeat extract|audit|train|finetune|compare|predict|serve|bench ...``.
 
 Only parses arguments and calls library functions (one module per command in ``imgfeat.cli``);
 ``jobs/*.py`` call ``main`` with a fixed command.
@@ -18,7 +18,7 @@ from typing import Any
 from imgfeat.config import Config, ConfigError, load_config
 
 # Sub-commands, in help order; each is a module imgfeat.cli.<name>.
-COMMAND_NAMES = ("extract", "audit", "train", "compare", "predict", "serve", "bench")
+COMMAND_NAMES = ("extract", "audit", "train", "finetune", "compare", "predict", "serve", "bench")
 
 
 def _commands() -> dict[str, ModuleType]:

@@ -256,6 +256,42 @@ class PredictConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    # Where the decoded training table, checkpoints and the run's outputs go (on a cluster: shared storage,
+    # e.g. /dbfs/... or a volume, which the training processes and the driver both reach).
+    output: str | None = None
+    # Training processes (TorchDistributor num_processes), on the driver (local_mode) or as Spark tasks.
+    num_processes: int = 2
+    local_mode: bool = True
+    use_gpu: bool = False
+    # fp32 | bf16 (autocast; CPUs with AVX512-BF16 and GPUs).
+    precision: Literal["fp32", "bf16"] = "fp32"
+    # head (a new linear classifier only) | last:K (it and the backbone's last K blocks) | all.
+    train_layers: str = "last:3"
+    epochs: int = 5
+    batch_size: int = 32
+    learning_rate: float = 1e-3  # the new head's; the backbone's is learning_rate x backbone_lr_scale
+    backbone_lr_scale: float = 0.1
+    weight_decay: float = 1e-4
+    warmup_fraction: float = 0.1  # of all steps: linear warm-up, then cosine decay to 0
+    class_weighting: bool = True  # inverse class frequency in the loss
+    # Share of the training images (by group when input.split.group is set) held out for validation.
+    validation_fraction: float = 0.1
+    patience: int = 2  # epochs without a better validation loss before stopping (0 = never stop early)
+    seed: int = 42
+    # Augmentation of radiographs: small rotations (degrees), shifts (fraction of the side), scale, brightness
+    # and contrast (fractions); horizontal flips off (chest anatomy is lateralised).
+    rotate_degrees: float = 7.0
+    shift: float = 0.05
+    scale: float = 0.1
+    brightness: float = 0.1
+    contrast: float = 0.1
+    hflip: bool = False
+    # Images per Parquet row group of the decoded table (the unit the training processes stream).
+    row_group_images: int = 256
+
+
+@dataclass
 class ServeConfig:
     # runs:/RUN_ID (a child run of `train`), models:/NAME/VERSION, or a pyfunc model's own URI (--model-uri).
     model_uri: str | None = None
@@ -297,6 +333,7 @@ class Config:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def to_dict(self) -> dict[str, Any]:

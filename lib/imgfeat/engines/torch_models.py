@@ -87,6 +87,10 @@ class ResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.avgpool(self.feature_maps(x)), 1)
 
+    def blocks(self) -> list[nn.Module]:
+        """The feature layers in order, for fine-tuning the last K (the ImageNet classifier ``fc`` is not used)."""
+        return [self.conv1, self.bn1, *self.layer1, *self.layer2, *self.layer3, *self.layer4]
+
 
 class _DenseLayer(nn.Module):
     def __init__(self, num_input_features: int, growth_rate: int, bn_size: int):
@@ -162,6 +166,9 @@ class DenseNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(F.adaptive_avg_pool2d(self.feature_maps(x), 1), 1)
 
+    def blocks(self) -> list[nn.Module]:
+        return [m for m in self.features.children() if any(True for _ in m.parameters())]
+
 
 # torchvision's DenseNet checkpoints predate module names without dots ("norm.1" for "norm1").
 _DENSENET_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
@@ -182,6 +189,11 @@ class EfficientNetLite(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.net._avg_pooling(self.feature_maps(x)), 1)
+
+    def blocks(self) -> list[nn.Module]:
+        """Stem, the MBConv blocks, head convolution (the ImageNet classifier ``_fc`` is not used)."""
+        n = self.net
+        return [n._conv_stem, n._bn0, *n._blocks, n._conv_head, n._bn1]
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         """Take the package's own checkpoint (keys without the ``net.`` prefix) as well as ours."""

@@ -1,0 +1,125 @@
+"""The fine-tuning input: images listed, labelled and split as ``extract`` does, decoded once into a Parquet table.
+
+Rows: path, rel_path, label, split (train | val | test), group_id, slice_index, image (uint8 bytes, size x size x 3,
+RGB, after the same ``decode_file`` and resize as extract, rounded to integers). Files that do not decode, are empty,
+too large or vanish go to ``<table>_errors`` with extract's error classes. Validation images are a seeded hash
+share of the training ones, by group when the split is grouped. Training processes stream the table row group by
+row group (``imgfeat.finetune.stream``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from imgfeat.config import Config
+from imgfeat.io.decoders import DecodeError, DecodeOptions, decode_file
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+DECODED_DDL = "images array<binary>, slice_index array<int>, error_class string, error_message string"
+
+
+@dataclass
+class DecodedTable:
+    path: str
+    errors_path: str
+    size: int
+    labels: list[str]
+    counts: dict[str, dict[str, int]]  # split -> label -> images
+    listed: int
+    failed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def decode_to_uint8(contents: pd.Series, decode: DecodeOptions) -> pd.DataFrame:
+    """File bytes -> per file: the decoded images (uint8 bytes) and slice indices, or the error."""
+    out: dict[str, list[Any]] = {"images": [], "slice_index": [], "error_class": [], "error_message": []}
+    for data in contents:
+        try:
+            decoded = decode_file(None if data is None else bytes(data), decode)
+            out["images"].append([np.clip(np.rint(d.array), 0, 255).astype(np.uint8).tobytes() for d in decoded])
+            out["slice_index"].append([d.slice_index for d in decoded])
+            out["error_class"].append(None)
+            out["error_message"].append(None)
+        except Exception as exc:
+            err = exc if isinstance(exc, DecodeError) else DecodeError("decode_failed", f"{type(exc).__name__}: {exc}")
+            out["images"].append(None)
+            out["slice_index"].append(None)
+            out["error_class"].append(err.error_class)
+            out["error_message"].append(err.message)
+    return pd.DataFrame(out)
+
+
+def build_decoded_table(spark: SparkSession, cfg: Config, size: int, path: str) -> DecodedTable:
+    """List, label, split and decode ``input.path`` into ``path`` (overwritten) and ``path + '_errors'``."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    from imgfeat.featurize.extract import decode_options, unread_errors
+    from imgfeat.io.listing import list_files, read_contents
+
+    decode = decode_options(cfg, size)
+    images, _ = list_files(spark, cfg)
+    images = images.persist(StorageLevel.MEMORY_AND_DISK)
+    n = images.count()
+    if not n:
+        raise ValueError(f"no images under {cfg.input.path}")
+
+    def run(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
+        for contents in batches:
+            yield decode_to_uint8(contents, decode)
+
+    udf = F.pandas_udf(run, DECODED_DDL)  # type: ignore[call-overload]
+    contents = read_contents(spark, cfg, images, n, n)
+    decoded = contents.select("path", udf(F.col("content")).alias("d")).join(images, on="path", how="inner")
+    decoded = decoded.persist(StorageLevel.MEMORY_AND_DISK)
+    good = decoded.filter(F.col("d.error_class").isNull() & F.col("label").isNotNull())
+    good = good.select("path", "rel_path", "label", "split", "group_id", "image_id",
+                       F.explode(F.arrays_zip(F.col("d.images").alias("image"), F.col("d.slice_index").alias("slice_index"))).alias("z"))
+    good = good.select("path", "rel_path", "label", "group_id", "image_id", F.col("z.image").alias("image"),
+                       F.col("z.slice_index").alias("slice_index"), _with_validation(cfg).alias("split"))
+    rows_per_group = max(1, cfg.finetune.row_group_images)
+    (good.repartition(max(1, n // (4 * rows_per_group) + 1)).write.mode("overwrite")
+     .option("parquet.block.size", rows_per_group * size * size * 3).parquet(path))
+    failed = decoded.filter(F.col("d.error_class").isNotNull()).select(
+        "path", "rel_path", "label", F.col("d.error_class").alias("error_class"), F.col("d.error_message").alias("error_message"))
+    unlabelled = decoded.filter(F.col("d.error_class").isNull() & F.col("label").isNull()).select(
+        "path", "rel_path", "label", F.lit("unlabelled").alias("error_class"),
+        F.lit("the image has no label (folder, manifest or DICOM tag): it cannot be used for training").alias("error_message"))
+    unread = unread_errors(images, decoded, cfg.input.max_file_bytes).select("path", "rel_path", "label", "error_class", "error_message")
+    errors = failed.unionByName(unlabelled).unionByName(unread)
+    errors.write.mode("overwrite").parquet(path.rstrip("/") + "_errors")
+    written = spark.read.parquet(path)
+    counts: dict[str, dict[str, int]] = {}
+    for r in written.groupBy("split", "label").count().collect():
+        counts.setdefault(r["split"] or "none", {})[r["label"]] = r["count"]
+    n_failed = spark.read.parquet(path.rstrip("/") + "_errors").count()
+    decoded.unpersist()
+    images.unpersist()
+    labels = sorted({lab for split in counts.values() for lab in split})
+    return DecodedTable(path, path.rstrip("/") + "_errors", size, labels, counts, n, n_failed)
+
+
+def _with_validation(cfg: Config) -> Any:
+    """train -> val for a seeded hash share of the training units (groups when grouped, else images)."""
+    from pyspark.sql import functions as F
+
+    unit = F.coalesce(F.concat(F.lit("group:"), F.col("group_id")), F.col("image_id"))
+    bucket = F.pmod(F.xxhash64(F.lit(cfg.finetune.seed + 1), unit), F.lit(1_000_000)) / F.lit(1_000_000.0)
+    split = F.coalesce(F.col("split"), F.lit("train"))
+    return F.when((split == "train") & (bucket < cfg.finetune.validation_fraction), F.lit("val")).otherwise(split)
+
+
+def table_files(path: str) -> list[str]:
+    """The Parquet part files of a table on a local or mounted path, in name order."""
+    local = path.removeprefix("file:")
+    return sorted(os.path.join(local, f) for f in os.listdir(local) if f.endswith(".parquet"))
