@@ -82,11 +82,8 @@ def test_same_seed_same_weights_and_a_killed_run_resumes_to_them(spark, images, 
 
     result, out = finetuned
     reference = _state(os.path.join(out, "run", "checkpoints", "last.pt"))["model"]
-    again = tmp_path / "again"
-    run_finetune(spark, _cfg(images, again, store))
-    same = _state(os.path.join(again, "run", "checkpoints", "last.pt"))["model"]
-    assert all(torch.equal(reference[k], same[k]) for k in reference)
-
+    # A second run with the same seed, killed after its first epoch and resumed: equal to the first run tensor by
+    # tensor (its first epoch ran from scratch, so this also shows that the same seed gives the same weights).
     killed = tmp_path / "killed"
     monkeypatch.setenv(STOP_ENV, "1")
     with pytest.raises(Exception):  # noqa: B017 (TorchDistributor reports the processes' exit as its own error)

@@ -284,7 +284,7 @@ def run_loop(spec: LoopSpec) -> dict[str, Any] | None:
             optimizer.step()
             scheduler.step()
             seen += len(yb)
-            loss_sum += float(loss) * len(yb)
+            loss_sum += float(loss.detach()) * len(yb)
         train_seconds = time.perf_counter() - started
         totals = torch.tensor([loss_sum, float(seen), train_seconds], dtype=torch.float64)
         if distributed:

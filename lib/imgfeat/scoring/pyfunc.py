@@ -111,20 +111,33 @@ def log_pyfunc_model(classifier_folder: str, engine: str, backbone: str, formats
     with tempfile.TemporaryDirectory(prefix="imgfeat-code-") as tmp:
         code = os.path.join(tmp, "imgfeat")  # the package's sources, without compiled caches
         shutil.copytree(os.path.dirname(imgfeat.__file__), code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        # Models from code: the served model is built by running pyfunc_entry.py, never unpickled.
         return mlflow.pyfunc.log_model(
-            name=MODEL_NAME, python_model=ImgfeatPyfunc(), artifacts={ARTIFACT: classifier_folder}, code_paths=[code],
+            name=MODEL_NAME, python_model=os.path.join(code, "scoring", "pyfunc_entry.py"),
+            artifacts={ARTIFACT: classifier_folder}, code_paths=[code],
             pip_requirements=requirements(engine, backbone, formats), signature=signature(),
         )
 
 
 def load_classifier(model_uri: str) -> Any:
-    """The ``ImageClassifier`` inside a logged imgfeat pyfunc model (any MLflow model URI or local path)."""
-    model = mlflow.pyfunc.load_model(model_uri)
-    inner = model.unwrap_python_model()
-    if not isinstance(inner, ImgfeatPyfunc) and type(inner).__name__ != "ImgfeatPyfunc":
-        raise ValueError(f"{model_uri} is a pyfunc model but not imgfeat's ({type(inner).__name__}); serve a "
-                         "pyfunc_model that `imgfeat train` logged")
-    return inner.classifier
+    """The ``ImageClassifier`` inside a logged imgfeat pyfunc model (any MLflow model URI or local path), read from
+    its files (JSON, NumPy arrays, weights-only state dicts) without running or unpickling anything of the model."""
+    import yaml
+
+    from imgfeat.scoring.classifier import ImageClassifier
+
+    local = model_uri if os.path.isdir(model_uri) else mlflow.artifacts.download_artifacts(artifact_uri=model_uri)
+    mlmodel = os.path.join(local, "MLmodel")
+    if not os.path.isfile(mlmodel):
+        raise ValueError(f"{model_uri} is not an MLflow model (no MLmodel file); serve the pyfunc_model of an `imgfeat train` run")
+    with open(mlmodel, encoding="utf-8") as fh:
+        flavor = (yaml.safe_load(fh).get("flavors") or {}).get("python_function") or {}
+    artifact = (flavor.get("artifacts") or {}).get(ARTIFACT) or {}
+    folder = os.path.join(local, artifact.get("path", ""))
+    if not artifact or not os.path.isfile(os.path.join(folder, "classifier.json")):
+        raise ValueError(f"{model_uri} is an MLflow model but not imgfeat's pyfunc model (no {ARTIFACT!r} artifact); serve "
+                         "the pyfunc_model that `imgfeat train` logged")
+    return ImageClassifier(folder)
 
 
 def resolve_uri(model_uri: str) -> str:
