@@ -89,14 +89,20 @@ class TorchEngine(Engine):
         with torch.inference_mode():
             return model(torch.as_tensor(batch)).float().numpy()
 
-    def make_predictor(self, backbone: Backbone, source: WeightsSource, file_bytes: bytes | None,
-                       options: EngineOptions) -> Predictor:
+    def _on_device(self, backbone: Backbone, source: WeightsSource, file_bytes: bytes | None,
+                   options: EngineOptions) -> tuple[Any, Any, Any, Any, Any]:
+        """(torch, device, the model on it, mean and std tensors) for a predictor."""
         torch = configure_torch(options.threads)
         device = _device(torch, options.device)
         size = options.input_size or backbone.input_size
         model = self.build_model(backbone, source, file_bytes, input_size=size).to(device)
         mean = torch.tensor(backbone.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         std = torch.tensor(backbone.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        return torch, device, model, mean, std
+
+    def make_predictor(self, backbone: Backbone, source: WeightsSource, file_bytes: bytes | None,
+                       options: EngineOptions) -> Predictor:
+        torch, device, model, mean, std = self._on_device(backbone, source, file_bytes, options)
         if options.precision == "fp16" and device.type != "cuda":
             raise RuntimeError("inference.precision=fp16 needs a GPU (torch sees no CUDA device); use bf16 on CPUs")
         autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.precision)
@@ -121,12 +127,7 @@ class TorchEngine(Engine):
     def make_map_predictor(self, backbone: Backbone, source: WeightsSource, file_bytes: bytes | None,
                            options: EngineOptions) -> Predictor:
         """The last feature map (n, h, w, c) in float32, on the CPU or GPU as the predictor."""
-        torch = configure_torch(options.threads)
-        device = _device(torch, options.device)
-        size = options.input_size or backbone.input_size
-        model = self.build_model(backbone, source, file_bytes, input_size=size).to(device)
-        mean = torch.tensor(backbone.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(backbone.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        torch, device, model, mean, std = self._on_device(backbone, source, file_bytes, options)
 
         def maps(batch: np.ndarray) -> np.ndarray:
             with torch.inference_mode():
