@@ -20,7 +20,7 @@ def main() -> None:
 
     from imgfeat.backbones.registry import get_backbone
     from imgfeat.engines import resolve_weights
-    from imgfeat.finetune.loop import Classifier, LoopSpec, set_trainable
+    from imgfeat.finetune.loop import LoopSpec, build_network, set_trainable
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="efficientnet_lite0")
@@ -36,7 +36,7 @@ def main() -> None:
     source = resolve_weights(b, a.weights)
     spec = LoopSpec(files=[], labels=["a", "b"], architecture=b.constructor, input_size=b.input_size, feature_dim=b.feature_dim,
                     mean=b.mean, std=b.std, out_dir="", weights=source.read_bytes(), train_layers=a.train_layers)
-    net = Classifier.build(spec)
+    net = build_network(spec)
     set_trainable(net, a.train_layers)
     params = [{"params": net.head.parameters(), "lr": 1e-3},
               {"params": [q for q in net.backbone.parameters() if q.requires_grad], "lr": 1e-4}]

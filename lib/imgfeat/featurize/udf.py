@@ -19,7 +19,7 @@ import pandas as pd
 
 from imgfeat.backbones.registry import Backbone
 from imgfeat.backbones.weights import WeightsSource
-from imgfeat.io.decoders import DECODE_FAILED, DecodeError, DecodeOptions, decode_file
+from imgfeat.io.decoders import DECODE_FAILED, DecodeError, DecodeOptions, decode_or_error
 from imgfeat.io.decoders.spark_image import decode_spark_image
 from imgfeat.io.fingerprints import perceptual_hash
 
@@ -69,14 +69,14 @@ class FeaturizeSpec:
 
 def _decode_one(data: Any, spec: FeaturizeSpec) -> Any:
     """A list of decoded images (file bytes, or a row of Spark's image source), or the DecodeError."""
-    try:
-        if isinstance(data, pd.Series):  # a struct from spark.read.format("image")
+    if isinstance(data, pd.Series):  # a struct from spark.read.format("image")
+        try:
             return [decode_spark_image(data, spec.decode)]
-        return decode_file(None if data is None else bytes(data), spec.decode, spec.secret, spec.label_tag)
-    except DecodeError as exc:
-        return exc
-    except Exception as exc:  # never let one file fail the batch
-        return DecodeError(DECODE_FAILED, f"unexpected {type(exc).__name__}: {exc}")
+        except DecodeError as exc:
+            return exc
+        except Exception as exc:  # never let one file fail the batch
+            return DecodeError(DECODE_FAILED, f"unexpected {type(exc).__name__}: {exc}")
+    return decode_or_error(None if data is None else bytes(data), spec.decode, spec.secret, spec.label_tag)
 
 
 def featurize_batch(

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from imgfeat.config import Config
-from imgfeat.io.decoders import DecodeError, DecodeOptions, decode_file
+from imgfeat.io.decoders import DecodeError, DecodeOptions, decode_or_error
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -44,18 +44,17 @@ def decode_to_uint8(contents: pd.Series, decode: DecodeOptions) -> pd.DataFrame:
     """File bytes -> per file: the decoded images (uint8 bytes) and slice indices, or the error."""
     out: dict[str, list[Any]] = {"images": [], "slice_index": [], "error_class": [], "error_message": []}
     for data in contents:
-        try:
-            decoded = decode_file(None if data is None else bytes(data), decode)
+        decoded = decode_or_error(None if data is None else bytes(data), decode)
+        if isinstance(decoded, DecodeError):
+            out["images"].append(None)
+            out["slice_index"].append(None)
+            out["error_class"].append(decoded.error_class)
+            out["error_message"].append(decoded.message)
+        else:
             out["images"].append([np.clip(np.rint(d.array), 0, 255).astype(np.uint8).tobytes() for d in decoded])
             out["slice_index"].append([d.slice_index for d in decoded])
             out["error_class"].append(None)
             out["error_message"].append(None)
-        except Exception as exc:
-            err = exc if isinstance(exc, DecodeError) else DecodeError("decode_failed", f"{type(exc).__name__}: {exc}")
-            out["images"].append(None)
-            out["slice_index"].append(None)
-            out["error_class"].append(err.error_class)
-            out["error_message"].append(err.message)
     return pd.DataFrame(out)
 
 

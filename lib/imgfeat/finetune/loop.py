@@ -51,31 +51,30 @@ class LoopSpec:
     threads: int = 0
 
 
-class Classifier:  # a namespace for the model factory (torch imported lazily)
-    @staticmethod
-    def build(spec: LoopSpec) -> Any:
-        import io
+def build_network(spec: LoopSpec) -> Any:
+    """Backbone (seeded, with ``spec.weights`` when given) + a new linear head over its pooled features."""
+    import io
 
-        import torch
-        from torch import nn
+    import torch
+    from torch import nn
 
-        from imgfeat.engines import torch_models
+    from imgfeat.engines import torch_models
 
-        torch.manual_seed(spec.seed)
-        backbone = torch_models.build(spec.architecture, spec.input_size)
-        if spec.weights is not None:
-            torch_models.load_weights(backbone, torch.load(io.BytesIO(spec.weights), map_location="cpu", weights_only=True))
+    torch.manual_seed(spec.seed)
+    backbone = torch_models.build(spec.architecture, spec.input_size)
+    if spec.weights is not None:
+        torch_models.load_weights(backbone, torch.load(io.BytesIO(spec.weights), map_location="cpu", weights_only=True))
 
-        class Net(nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.backbone = backbone
-                self.head = nn.Linear(spec.feature_dim, len(spec.labels))
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = backbone
+            self.head = nn.Linear(spec.feature_dim, len(spec.labels))
 
-            def forward(self, x: Any) -> Any:
-                return self.head(self.backbone(x))
+        def forward(self, x: Any) -> Any:
+            return self.head(self.backbone(x))
 
-        return Net()
+    return Net()
 
 
 def trainable_blocks(module: Any) -> list[Any]:
@@ -223,7 +222,7 @@ def run_loop(spec: LoopSpec) -> dict[str, Any] | None:
     os.makedirs(os.path.join(spec.out_dir, "checkpoints"), exist_ok=True)
     checkpoint = os.path.join(spec.out_dir, "checkpoints", "last.pt")
 
-    net = Classifier.build(spec).to(device)
+    net = build_network(spec).to(device)
     trained_blocks = set_trainable(net, spec.train_layers)
     head_params = list(net.head.parameters())
     backbone_params = [p for p in net.backbone.parameters() if p.requires_grad]
@@ -327,7 +326,6 @@ def run_loop(spec: LoopSpec) -> dict[str, Any] | None:
             raise SystemExit(f"{STOP_ENV}: stopped after epoch {epoch}")
         if int(stop[0]) == 1:
             break
-        state["epoch"] = epoch
     result = None
     if rank == 0:
         result = {"history": state["history"], "best_epoch": state["best_epoch"], "best_val_loss": state["best_val_loss"],

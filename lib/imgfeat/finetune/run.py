@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -120,8 +119,7 @@ def run_finetune(spark: SparkSession, cfg: Config, resume: bool = False) -> Fine
     result = distribute(spec, fc.num_processes, fc.local_mode, fc.use_gpu)
     train_seconds = time.time() - t0
 
-    experiment_id = use_experiment(cfg)
-    del experiment_id
+    use_experiment(cfg)
     with mlflow.start_run(run_name=f"finetune {backbone.name}", tags={"imgfeat.kind": "finetune", "backbone": backbone.name,
                                                                        "head": "finetuned", "weights_id": source.weights_id}) as run:
         params = {k: v for k, v in spec_dict(spec).items() if k not in ("files", "out_dir", "labels", "mean", "std", "augment")}
@@ -189,12 +187,12 @@ def _test_metrics(spec: Any, backbone_file: str, head: dict[str, np.ndarray], cf
 
     import torch
 
-    from imgfeat.finetune.loop import Classifier, evaluate
+    from imgfeat.finetune.loop import build_network, evaluate
     from imgfeat.train.metrics import classification_metrics, metric_key
     from imgfeat.train.uncertainty import bootstrap_intervals
 
     with open(backbone_file, "rb") as fh:
-        net = Classifier.build(dataclasses.replace(spec, weights=fh.read()))
+        net = build_network(dataclasses.replace(spec, weights=fh.read()))
     net.head.load_state_dict({k: torch.from_numpy(v).float() for k, v in head.items()})
     torch.set_num_threads(os.cpu_count() or 1)
     test = evaluate(net, spec, "test", torch.device("cpu"))
@@ -220,9 +218,8 @@ def _log_models(cfg: Config, model_name: str, backbone_file: str, sha: str, head
 
     from imgfeat.featurize.extract import decode_options
     from imgfeat.featurize.transformer import ImageFeaturizer
-    from imgfeat.scoring.classifier import write_classifier
     from imgfeat.scoring.heads import HeadArrays
-    from imgfeat.scoring.pyfunc import log_pyfunc_model
+    from imgfeat.scoring.pyfunc import log_classifier
     from imgfeat.train.heads import FEATURES_COL, PREDICTION_COL
     from imgfeat.train.keras_head import KerasHeadModel, weights_to_b64
     from imgfeat.train.tracking import model_signature, pip_requirements
@@ -239,9 +236,6 @@ def _log_models(cfg: Config, model_name: str, backbone_file: str, sha: str, head
     mlflow.spark.log_model(PipelineModel(stages=[featurizer, linear, converter]), artifact_path="model",
                            pip_requirements=pip_requirements(), signature=model_signature())
     arrays = HeadArrays("linear", {"weights": w, "bias": b}, {"probabilistic": True, "mode": "finetuned"})
-    with tempfile.TemporaryDirectory(prefix="imgfeat-pyfunc-") as tmp:
-        folder = write_classifier(os.path.join(tmp, "classifier"), model_name=model_name, weights=backbone_file,
-                                  weights_sha256=sha, seed=cfg.model.seed, weights_id=f"sha256:{sha}",
-                                  weights_file=backbone_file, decode=decode, precision="fp32", labels=labels,
-                                  head_name="finetuned", head=arrays, run_id=run_id)
-        log_pyfunc_model(folder, "torch", model_name, decode.formats)
+    log_classifier(model_name=model_name, weights=backbone_file, weights_sha256=sha, seed=cfg.model.seed,
+                   weights_id=f"sha256:{sha}", weights_file=backbone_file, decode=decode, precision="fp32",
+                   labels=labels, head_name="finetuned", head=arrays, run_id=run_id)

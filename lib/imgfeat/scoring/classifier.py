@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from imgfeat.backbones.registry import get_backbone
-from imgfeat.io.decoders import DecodeError, DecodeOptions, decode_file
+from imgfeat.io.decoders import DecodeError, DecodeOptions, decode_or_error
 from imgfeat.scoring.heads import HeadArrays
 
 FORMAT_VERSION = 1
@@ -151,12 +151,8 @@ class ImageClassifier:
 
     def decode_one(self, data: bytes | None) -> Any:
         """The first model input of ``data`` (a 2D image, or a volume's selected slice), or the DecodeError."""
-        try:
-            return decode_file(data, self.decode)[0]
-        except DecodeError as exc:
-            return exc
-        except Exception as exc:  # a decoder's own failure is this input's error, not the server's
-            return DecodeError("decode_failed", f"unexpected {type(exc).__name__}: {exc}")
+        decoded = decode_or_error(data, self.decode)
+        return decoded if isinstance(decoded, DecodeError) else decoded[0]
 
     def predict(self, contents: list[bytes | None], explain: bool = False,
                 timings: dict[str, float] | None = None) -> list[Prediction]:

@@ -119,6 +119,19 @@ def log_pyfunc_model(classifier_folder: str, engine: str, backbone: str, formats
         )
 
 
+def log_classifier(**fields: Any) -> Any:
+    """Write a classifier folder (``write_classifier``'s keyword arguments) and log it as ``pyfunc_model``."""
+    import tempfile
+
+    from imgfeat.backbones.registry import get_backbone
+    from imgfeat.scoring.classifier import write_classifier
+
+    with tempfile.TemporaryDirectory(prefix="imgfeat-pyfunc-") as tmp:
+        folder = write_classifier(os.path.join(tmp, "classifier"), **fields)
+        name = fields["model_name"]
+        return log_pyfunc_model(folder, get_backbone(name).engine, name, fields["decode"].formats)
+
+
 def load_classifier(model_uri: str) -> Any:
     """The ``ImageClassifier`` inside a logged imgfeat pyfunc model (any MLflow model URI or local path), read from
     its files (JSON, NumPy arrays, weights-only state dicts) without running or unpickling anything of the model."""

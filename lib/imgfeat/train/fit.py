@@ -433,22 +433,15 @@ def run_train(spark: SparkSession, cfg: Config) -> TrainResult:
 
 def _log_pyfunc(featurizer: Any, fitted: Any, labels: list[str], head: str, run_id: str) -> None:
     """The Spark-free model of this run (``pyfunc_model``): the featurizer's settings and the head as arrays."""
-    from imgfeat.scoring.classifier import write_classifier
-    from imgfeat.scoring.pyfunc import log_pyfunc_model
+    from imgfeat.scoring.pyfunc import log_classifier
     from imgfeat.train.export import export_head
 
     source = featurizer.weights_source()
-    decode = featurizer.decode_options()
     get = featurizer.getOrDefault
-    with tempfile.TemporaryDirectory(prefix="imgfeat-pyfunc-") as tmp:
-        folder = write_classifier(
-            os.path.join(tmp, "classifier"), model_name=get("modelName"), weights=get("weights"),
-            weights_sha256=get("weightsSha256"), seed=get("seed"), weights_id=source.weights_id,
-            weights_file=source.path if source.is_user_file else None, decode=decode, precision=get("precision"),
-            labels=labels, head_name=head, head=export_head(fitted), run_id=run_id)
-        from imgfeat.backbones.registry import get_backbone
-
-        log_pyfunc_model(folder, get_backbone(get("modelName")).engine, get("modelName"), decode.formats)
+    log_classifier(model_name=get("modelName"), weights=get("weights"), weights_sha256=get("weightsSha256"),
+                   seed=get("seed"), weights_id=source.weights_id,
+                   weights_file=source.path if source.is_user_file else None, decode=featurizer.decode_options(),
+                   precision=get("precision"), labels=labels, head_name=head, head=export_head(fitted), run_id=run_id)
 
 
 def _log_audit(audit: Any, salt: str | None) -> None:

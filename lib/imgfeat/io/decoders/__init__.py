@@ -59,8 +59,19 @@ def decode_file(data: bytes | None, options: DecodeOptions, secret: str | None =
                 raise DecodeError(DECODE_FAILED, f"{name} decoding failed: {type(exc).__name__}: {str(exc)[:200]}") from None
     return [decode_image(data, options)]
 
+def decode_or_error(data: bytes | None, options: DecodeOptions, secret: str | None = None,
+                    label_tag: str | None = None) -> list[DecodedImage] | DecodeError:
+    """``decode_file``, with any failure returned as this input's DecodeError (one file never fails a batch)."""
+    try:
+        return decode_file(data, options, secret, label_tag)
+    except DecodeError as exc:
+        return exc
+    except Exception as exc:
+        return DecodeError(DECODE_FAILED, f"unexpected {type(exc).__name__}: {exc}")
+
+
 __all__ = [
     "DECODE_FAILED", "DICOM", "EMPTY_FILE", "ERROR_CLASSES", "NIFTI", "NOT_AN_IMAGE", "NO_PIXEL_DATA", "TOO_LARGE",
     "TRUNCATED", "UNREADABLE", "UNSUPPORTED_COMPRESSION", "UNSUPPORTED_FORMAT", "DecodeError", "DecodeOptions",
-    "DecodedImage", "decode_file", "decode_image",
+    "DecodedImage", "decode_file", "decode_image", "decode_or_error",
 ]
