@@ -1,11 +1,12 @@
 """The featurizer's own per-task function, timed without Spark: bytes in, features out.
 
 Runs where Spark cannot (the lent GPU machines have PyTorch and no Java, Spark or TensorFlow): the files are read
-into memory first, then ``featurize_batch`` (decode -> model input -> the engine's predictor, exactly what each
-Spark task runs) is timed per stage over batches. On a CUDA machine the GPU's utilisation is sampled with
-``nvidia-smi`` while it runs.
+into memory first, then ``featurize_stream`` (decode -> model input -> the engine's predictor, with the next batch
+decoded while the model runs: exactly what each Spark task runs) is timed per stage, next to the model alone on
+one prepared batch. On a CUDA machine the GPU's utilisation is sampled with ``nvidia-smi`` while it runs.
 
     python -m imgfeat.bench.task --input DIR --model efficientnet_lite0 --limit 2000 [--precision bf16] [--device gpu]
+        [--jpeg-decoder nvjpeg] [--compile] [--decode-threads 8]
 """
 
 from __future__ import annotations
@@ -35,15 +36,19 @@ def _gpu_sampler(stop: threading.Event, samples: list[float]) -> None:
 
 def run_task_bench(input_dir: str, model: str = "efficientnet_lite0", limit: int = 500, batch_size: int = 64,
                    precision: str = "fp32", device: str = "auto", threads: int = 0, weights: str = "none",
-                   rows_per_task_batch: int = 256) -> dict[str, Any]:
-    """Time ``featurize_batch`` on ``limit`` files from ``input_dir`` (repeated if fewer); returns the numbers."""
+                   rows_per_task_batch: int = 256, jpeg_decoder: str = "pillow", compile: bool = False,
+                   prefetch: bool = True, decode_threads: int = 1, bare_batches: int = 5) -> dict[str, Any]:
+    """Time ``featurize_stream`` (what a Spark task runs) on ``limit`` files from ``input_dir`` (repeated if
+    fewer), and the model alone on one prepared batch (``bare``); returns the numbers."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import numpy as np
     import pandas as pd
 
     from imgfeat.backbones.registry import get_backbone
     from imgfeat.bench.run import list_images
     from imgfeat.engines import EngineOptions, get_predictor, resolve_weights
-    from imgfeat.featurize.udf import FeaturizeSpec, featurize_batch
+    from imgfeat.featurize.udf import FeaturizeSpec, featurize_stream, jpeg_decoder_for
     from imgfeat.io.decoders import DecodeOptions
 
     files = list_images(input_dir)
@@ -53,28 +58,41 @@ def run_task_bench(input_dir: str, model: str = "efficientnet_lite0", limit: int
     blobs = [Path(p).read_bytes() for p in paths]
     backbone = get_backbone(model)
     source = resolve_weights(backbone, weights)
-    options = EngineOptions(threads=threads, device=device, precision=precision)
+    size = backbone.input_size
+    options = EngineOptions(threads=threads, device=device, precision=precision, compile=compile,
+                            jpeg_decoder=jpeg_decoder, input_size=size)
     started = time.perf_counter()
     predict = get_predictor(model, source, source.read_bytes, options)
-    spec = FeaturizeSpec(backbone=backbone, weights=source, decode=DecodeOptions(size=backbone.input_size),
-                         batch_size=batch_size, precision=precision, device=device)
-    predict(np.zeros((min(batch_size, 4), backbone.input_size, backbone.input_size, 3), np.float32))  # warm up
+    spec = FeaturizeSpec(backbone=backbone, weights=source, decode=DecodeOptions(size=size), batch_size=batch_size,
+                         precision=precision, device=device, prefetch=prefetch, compile=compile,
+                         jpeg_decoder=jpeg_decoder, decode_threads=decode_threads)
+    warm = np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
+    predict(warm)  # warm up (and compile) at the full batch shape
     model_load = time.perf_counter() - started
+    t_bare = time.perf_counter()
+    for _ in range(bare_batches):  # the model alone: one prepared uint8 batch, no decoding, no Arrow
+        predict(warm)
+    bare = bare_batches * batch_size / (time.perf_counter() - t_bare)
     stop, gpu = threading.Event(), []
     sampler = threading.Thread(target=_gpu_sampler, args=(stop, gpu), daemon=True)
     if shutil.which("nvidia-smi"):
         sampler.start()
     timings: dict[str, float] = {}
+    pool = ThreadPoolExecutor(decode_threads) if decode_threads > 1 else None
     t0 = time.perf_counter()
-    n_ok = 0
-    for start in range(0, len(blobs), rows_per_task_batch):
-        out = featurize_batch(pd.Series(blobs[start:start + rows_per_task_batch]), predict, spec, None, timings)
-        n_ok += int(out["error_class"].isna().sum())
+    batches = (pd.Series(blobs[i:i + rows_per_task_batch]) for i in range(0, len(blobs), rows_per_task_batch))
+    n_ok = sum(int(out["error_class"].isna().sum())
+               for out in featurize_stream(batches, predict, spec, pool, timings, jpeg_decoder_for(spec, predict)))
     wall = time.perf_counter() - t0
     stop.set()
+    if pool:
+        pool.shutdown()
+    rate = len(blobs) / wall
     return {
-        "model": model, "engine": backbone.engine, "precision": precision, "device": device, "images": len(blobs),
-        "featurized": n_ok, "batch_size": batch_size, "wall_s": round(wall, 3), "images_per_s": round(len(blobs) / wall, 2),
+        "model": model, "engine": backbone.engine, "precision": precision, "device": device,
+        "jpeg_decoder": jpeg_decoder, "compile": compile, "prefetch": prefetch, "images": len(blobs),
+        "featurized": n_ok, "batch_size": batch_size, "wall_s": round(wall, 3), "images_per_s": round(rate, 2),
+        "bare_model_images_per_s": round(bare, 2), "of_bare_model": round(rate / bare, 3),
         "decode_s": round(timings.get("decode", 0.0), 3), "inference_s": round(timings.get("inference", 0.0), 3),
         "decode_images_per_s": round(len(blobs) / max(timings.get("decode", 1e-9), 1e-9), 2),
         "inference_images_per_s": round(len(blobs) / max(timings.get("inference", 1e-9), 1e-9), 2),
@@ -94,9 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--weights", default="none")
+    parser.add_argument("--jpeg-decoder", choices=["pillow", "nvjpeg"], default="pillow")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the backbone")
+    parser.add_argument("--no-prefetch", action="store_true", help="decode and run the model in turn")
+    parser.add_argument("--decode-threads", type=int, default=1)
     parser.add_argument("--json", help="also write the numbers to this file")
     a = parser.parse_args(argv)
-    result = run_task_bench(a.input, a.model, a.limit, a.batch_size, a.precision, a.device, a.threads, a.weights)
+    result = run_task_bench(a.input, a.model, a.limit, a.batch_size, a.precision, a.device, a.threads, a.weights,
+                            jpeg_decoder=a.jpeg_decoder, compile=a.compile, prefetch=not a.no_prefetch,
+                            decode_threads=a.decode_threads)
     print(json.dumps(result))
     if a.json:
         with open(a.json, "w", encoding="utf-8") as fh:

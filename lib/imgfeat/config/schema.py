@@ -125,6 +125,13 @@ class InferenceConfig:
     arrow_batch_rows: int = 64
     # Decode images in this many threads inside each Python worker (Pillow releases the GIL).
     decode_threads: int = 1
+    # Decode the next Arrow batch in a thread while the model runs on this one.
+    prefetch: bool = True
+    # pillow | nvjpeg: JPEGs decoded in batches on the GPU (torch engine, CUDA; needs torchvision), resized there;
+    # other formats and JPEGs nvJPEG refuses go through Pillow. Recorded with the features (docs/benchmarks.md).
+    jpeg_decoder: Literal["pillow", "nvjpeg"] = "pillow"
+    # torch.compile the backbone (torch engine; pays a compilation per worker, worth it on GPUs).
+    compile: bool = False
     # Build the model in the Python workers while the driver lists files.
     warmup: bool = True
 

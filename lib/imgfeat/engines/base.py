@@ -17,7 +17,19 @@ from imgfeat.backbones.registry import Backbone
 from imgfeat.backbones.weights import WeightsSource
 
 # predict(batch) -> float32 (n, feature_dim); batch: (n, size, size, 3) RGB in 0..255, float32 or uint8.
+# The torch engine's (``TorchPredictor``) also has ``device`` and ``from_device(x)`` for uint8 (n, 3, size, size)
+# batches already on that device (JPEGs decoded there: ``imgfeat.engines.torch_jpeg``).
 Predictor = Callable[[np.ndarray], np.ndarray]
+
+
+def input_batch(arrays: list[np.ndarray], size: int) -> np.ndarray:
+    """Decoded images -> one (n, size, size, 3) model batch: uint8 when every image is 8-bit (a quarter of
+    float32's bytes to the model, and over PCIe to a GPU), float32 when one is high-bit-depth."""
+    dtype = np.uint8 if all(a.dtype == np.uint8 for a in arrays) else np.float32
+    batch = np.empty((len(arrays), size, size, 3), dtype=dtype)
+    for k, a in enumerate(arrays):
+        batch[k] = a
+    return batch
 
 
 @dataclass(frozen=True)
@@ -26,6 +38,8 @@ class EngineOptions:
     device: str = "auto"  # auto | cpu | gpu
     precision: str = "fp32"  # fp32 | bf16 | fp16 (GPU only)
     input_size: int | None = None  # None = the backbone's own
+    compile: bool = False  # torch.compile the model (torch engine)
+    jpeg_decoder: str = "pillow"  # pillow | nvjpeg (torch engine on a CUDA device: JPEGs decoded on the GPU)
 
 
 class Engine(ABC):

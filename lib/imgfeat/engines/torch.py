@@ -105,24 +105,18 @@ class TorchEngine(Engine):
         torch, device, model, mean, std = self._on_device(backbone, source, file_bytes, options)
         if options.precision == "fp16" and device.type != "cuda":
             raise RuntimeError("inference.precision=fp16 needs a GPU (torch sees no CUDA device); use bf16 on CPUs")
-        autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.precision)
+        if options.jpeg_decoder == "nvjpeg":
+            if device.type != "cuda":
+                raise RuntimeError("inference.jpeg_decoder=nvjpeg needs a CUDA device (torch sees none here); "
+                                   "use inference.jpeg_decoder=pillow on CPUs")
+            from imgfeat.engines.torch_jpeg import nvjpeg_decode
+
+            nvjpeg_decode(device)  # torchvision importable: fail at model build, not on the first batch
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
-
-        def predict(batch: np.ndarray) -> np.ndarray:
-            with torch.inference_mode():
-                x = torch.as_tensor(np.ascontiguousarray(batch)).to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-                x = (x - mean) / std
-                if device.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                if autocast is not None:
-                    with torch.autocast(device.type, dtype=autocast):
-                        out = model(x)
-                else:
-                    out = model(x)
-                return out.float().cpu().numpy()
-
-        return predict
+        if options.compile:
+            model = torch.compile(model, dynamic=None)
+        return TorchPredictor(torch, device, model, mean, std, options.precision)
 
     def make_map_predictor(self, backbone: Backbone, source: WeightsSource, file_bytes: bytes | None,
                            options: EngineOptions) -> Predictor:
@@ -135,3 +129,48 @@ class TorchEngine(Engine):
                 return model.feature_maps((x - mean) / std).permute(0, 2, 3, 1).float().cpu().numpy()
 
         return maps
+
+
+class TorchPredictor:
+    """``predict(batch)``: host batches (n, s, s, 3), uint8 or float32, through pinned memory to the device (on
+    CUDA) as they are, converted and normalised there; ``from_device(x)``: uint8 (n, 3, s, s) batches already on
+    the device (the GPU JPEG path, ``imgfeat.engines.torch_jpeg``). bf16/fp16 autocast and channels_last (CUDA)
+    as the options say."""
+
+    def __init__(self, torch: Any, device: Any, model: Any, mean: Any, std: Any, precision: str = "fp32"):
+        self.torch, self.device, self.model, self.mean, self.std = torch, device, model, mean, std
+        self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self._pinned: dict[tuple[Any, ...], Any] = {}
+
+    def _to_device(self, batch: np.ndarray) -> Any:
+        torch = self.torch
+        x = torch.from_numpy(np.ascontiguousarray(batch))
+        if self.device.type != "cuda":
+            return x
+        key = (tuple(x.shape), x.dtype)
+        if key not in self._pinned:  # one page-locked buffer per batch shape: asynchronous copies
+            self._pinned[key] = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        staging = self._pinned[key]
+        staging.copy_(x)
+        return staging.to(self.device, non_blocking=True)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        with self.torch.inference_mode():
+            return self._run(self._to_device(batch).permute(0, 3, 1, 2))
+
+    def from_device(self, x: Any) -> np.ndarray:
+        """Features of a uint8 (n, 3, s, s) batch on the device."""
+        with self.torch.inference_mode():
+            return self._run(x)
+
+    def _run(self, x: Any) -> np.ndarray:
+        torch = self.torch
+        x = (x.float() - self.mean) / self.std
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.autocast is not None:
+            with torch.autocast(self.device.type, dtype=self.autocast):
+                out = self.model(x)
+        else:
+            out = self.model(x)
+        return out.float().cpu().numpy()

@@ -116,13 +116,27 @@ def featurize_contents(
     return exploded.select(*keep, *per_file, "features", *per_slice)
 
 
+def torch_only_settings(engine: str, cfg: Config) -> tuple[str, bool]:
+    """(jpeg_decoder, compile) as they apply to a backbone on ``engine``: both are the torch engine's; a Keras
+    backbone in the same job decodes with Pillow and runs uncompiled (said once in the log, not refused, so that
+    one job can extract torch and Keras backbones with the same settings)."""
+    decoder, compiled = cfg.inference.jpeg_decoder, cfg.inference.compile
+    if engine != "torch" and (decoder != "pillow" or compiled):
+        log.info("%s runs on the %s engine: inference.jpeg_decoder=%s and inference.compile=%s apply to torch "
+                 "backbones only; this one decodes with Pillow, uncompiled", cfg.model.name, engine, decoder, compiled)
+        return "pillow", False
+    return decoder, compiled
+
+
 def featurize_spec(spark: SparkSession, cfg: Config, source: WeightsSource) -> FeaturizeSpec:
     from imgfeat.featurize.udf import FeaturizeSpec
     from imgfeat.io.groups import id_salt
     from imgfeat.session import tf_threads_for
 
+    backbone = get_backbone(cfg.model.name)
+    decoder, compiled = torch_only_settings(backbone.engine, cfg)
     return FeaturizeSpec(
-        backbone=get_backbone(cfg.model.name),
+        backbone=backbone,
         weights=source,
         decode=decode_options(cfg),
         batch_size=cfg.inference.batch_size,
@@ -130,6 +144,9 @@ def featurize_spec(spark: SparkSession, cfg: Config, source: WeightsSource) -> F
         device=cfg.inference.device,
         precision=cfg.inference.precision,
         decode_threads=cfg.inference.decode_threads,
+        prefetch=cfg.inference.prefetch,
+        compile=compiled,
+        jpeg_decoder=decoder,
         float16_column=cfg.output.float16_column,
         secret=id_salt(cfg.privacy.id_salt),
         label_tag=cfg.input.label.dicom_tag if cfg.input.label.effective_mode == "dicom_tag" else None,
@@ -314,7 +331,7 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
     run_id = uuid.uuid4().hex[:12]
 
     spec = featurize_spec(spark, cfg, resolved)
-    settings = settings_json(backbone, engine, spec.decode, spec.precision)
+    settings = settings_json(backbone, engine, spec.decode, spec.precision, spec.jpeg_decoder)
     check_recorded_settings(spark, cfg, fmt, backbone.name, resolved.weights_id, settings)
     broadcast = broadcast_weights(spark, resolved)
     warmup = _start_warmup(spark, spec, broadcast) if cfg.inference.warmup else None

@@ -21,9 +21,13 @@ class SettingsError(ValueError):
     """A features table's recorded preprocessing is missing, mixed, or differs from what a run would use."""
 
 
-def settings_json(backbone: Backbone, engine: str, decode: DecodeOptions, precision: str = "fp32") -> str:
-    return json.dumps({"engine": engine, "input": backbone.preprocessing, "precision": precision,
-                       "decode": decode.to_dict()}, sort_keys=True)
+def settings_json(backbone: Backbone, engine: str, decode: DecodeOptions, precision: str = "fp32",
+                  jpeg_decoder: str = "pillow") -> str:
+    """The canonical record; ``jpeg_decoder`` appears only when it is not Pillow (older tables stay equal)."""
+    record = {"engine": engine, "input": backbone.preprocessing, "precision": precision, "decode": decode.to_dict()}
+    if jpeg_decoder != "pillow":
+        record["jpeg_decoder"] = jpeg_decoder  # nvJPEG's IDCT and the device resize differ slightly from Pillow's
+    return json.dumps(record, sort_keys=True)
 
 
 def decode_from_settings(text: str) -> DecodeOptions:

@@ -19,6 +19,7 @@ import pandas as pd
 
 from imgfeat.backbones.registry import Backbone
 from imgfeat.backbones.weights import WeightsSource
+from imgfeat.engines.base import input_batch
 from imgfeat.io.decoders import DECODE_FAILED, DecodeError, DecodeOptions, decode_or_error
 from imgfeat.io.decoders.spark_image import decode_spark_image
 from imgfeat.io.fingerprints import perceptual_hash
@@ -56,6 +57,9 @@ class FeaturizeSpec:
     device: str = "auto"
     precision: str = "fp32"
     decode_threads: int = 1
+    prefetch: bool = True  # decode the next batch while the model runs on this one
+    compile: bool = False  # torch.compile (torch engine)
+    jpeg_decoder: str = "pillow"  # pillow | nvjpeg (JPEGs decoded on the model's GPU)
     float16_column: bool = False
     # Secret keying DICOM patient ids (privacy.id_salt); kept out of ``decode``, which is recorded with the rows.
     secret: str | None = field(default=None, repr=False)
@@ -79,26 +83,43 @@ def _decode_one(data: Any, spec: FeaturizeSpec) -> Any:
     return decode_or_error(None if data is None else bytes(data), spec.decode, spec.secret, spec.label_tag)
 
 
-def featurize_batch(
-    contents: pd.Series | pd.DataFrame,
-    predict: Callable[[np.ndarray], np.ndarray],
-    spec: FeaturizeSpec,
-    pool: ThreadPoolExecutor | None = None,
-    timings: dict[str, float] | None = None,
-) -> pd.DataFrame:
-    """Decode every row, run the model on every decoded image (slice) in chunks, return one result row per input.
+@dataclass
+class DecodedRows:
+    """A batch after decoding: the result columns so far, and the model inputs still to run."""
 
-    ``contents``: file bytes (a Series), or the rows of Spark's image struct (a DataFrame: origin, height, width,
-    nChannels, mode, data). ``timings`` (optional) accumulates seconds spent in "decode" and "inference".
-    """
-    n = len(contents)
+    out: dict[str, list[Any]]
+    host: list[tuple[int, int, Any]]  # (row, slice position, DecodedImage): decoded on the CPU
+    device: list[tuple[int, Any]]  # (row, (3, s, s) uint8 tensor on the model's device): JPEGs decoded there
+
+
+def _device_decode(items: list[Any], spec: FeaturizeSpec, jpeg_decoder: Any) -> dict[int, tuple[Any, Any]]:
+    """Rows whose JPEG the device decoded: row -> (header, tensor). The rest go to Pillow."""
+    headers = {i: h for i, d in enumerate(items) if (h := jpeg_decoder.header(None if d is None else bytes(d)))}
+    rows = sorted(headers)
+    done: dict[int, tuple[Any, Any]] = {}
+    for start in range(0, len(rows), spec.batch_size):
+        chunk = rows[start:start + spec.batch_size]
+        for i, tensor in zip(chunk, jpeg_decoder.decode([bytes(items[i]) for i in chunk]), strict=True):
+            if tensor is not None:
+                done[i] = (headers[i], tensor)
+    return done
+
+
+def decode_rows(contents: pd.Series | pd.DataFrame, spec: FeaturizeSpec, pool: ThreadPoolExecutor | None = None,
+                timings: dict[str, float] | None = None, jpeg_decoder: Any = None) -> DecodedRows:
+    """Decode every row (JPEGs on the model's device when ``jpeg_decoder`` is given, the rest and whatever the
+    device refuses with ``decode_file``) and fill in everything but the features."""
     t0 = time.perf_counter()
+    n = len(contents)
     structs = isinstance(contents, pd.DataFrame)
     items = [row for _, row in contents.iterrows()] if structs else list(contents)
-    decoded = list(pool.map(lambda d: _decode_one(d, spec), items)) if pool else [_decode_one(d, spec) for d in items]
+    on_device = _device_decode(items, spec, jpeg_decoder) if jpeg_decoder is not None and not structs else {}
+    rest = [i for i in range(n) if i not in on_device]
+    decode = lambda i: _decode_one(items[i], spec)  # noqa: E731
+    decoded = dict(zip(rest, pool.map(decode, rest) if pool else map(decode, rest), strict=True))
     out: dict[str, list[Any]] = {name: [None] * n for name in RESULT_FIELDS}
-    work: list[tuple[int, int, Any]] = []  # (row, slice position, decoded image)
-    for i, d in enumerate(decoded):
+    host: list[tuple[int, int, Any]] = []
+    for i, d in decoded.items():
         if isinstance(d, DecodeError):
             out["error_class"][i] = d.error_class
             out["error_message"][i] = d.message
@@ -117,24 +138,103 @@ def featurize_batch(
         out["phash"][i] = [perceptual_hash(img.array) for img in d]
         out["features"][i] = [None] * len(d)
         out["features_f16"][i] = [None] * len(d)
-        work += [(i, j, img) for j, img in enumerate(d)]
-    size = spec.decode.size
-    t1 = time.perf_counter()
-    for start in range(0, len(work), spec.batch_size):
-        chunk = work[start : start + spec.batch_size]
-        batch = np.empty((len(chunk), size, size, 3), dtype=np.float32)
-        for k, (_, _, img) in enumerate(chunk):
-            batch[k] = img.array
-        feats = np.asarray(predict(batch), dtype=np.float32)
-        for k, (i, j, _) in enumerate(chunk):
+        host += [(i, j, img) for j, img in enumerate(d)]
+    device: list[tuple[int, Any]] = []
+    if on_device:
+        rows = sorted(on_device)
+        import torch
+
+        pixels = torch.stack([on_device[i][1] for i in rows]).permute(0, 2, 3, 1).cpu().numpy()  # for the hashes
+
+        def hashes(k: int) -> tuple[str, str]:  # the CPU's share of a device-decoded image (threads: GIL released)
+            return hashlib.sha256(bytes(items[rows[k]])).hexdigest(), perceptual_hash(pixels[k])
+
+        digests = list(pool.map(hashes, range(len(rows))) if pool else map(hashes, range(len(rows))))
+        for k, i in enumerate(rows):
+            header = on_device[i][0]
+            out["width"][i], out["height"][i], out["source_mode"][i], out["format"][i] = (
+                header.width, header.height, header.mode, "JPEG")
+            out["content_sha256"][i] = digests[k][0]
+            out["slice_index"][i] = [None]
+            out["phash"][i] = [digests[k][1]]
+            out["features"][i], out["features_f16"][i] = [None], [None]
+            device.append((i, on_device[i][1]))
+    if timings is not None:
+        timings["decode"] = timings.get("decode", 0.0) + (time.perf_counter() - t0)
+    return DecodedRows(out, host, device)
+
+
+def infer_rows(rows: DecodedRows, predict: Callable[[np.ndarray], np.ndarray], spec: FeaturizeSpec,
+               timings: dict[str, float] | None = None) -> pd.DataFrame:
+    """Run the model on every decoded input in chunks of ``batch_size``; the finished result rows."""
+    t0 = time.perf_counter()
+    out, size = rows.out, spec.decode.size
+
+    def store(chunk: list[tuple[int, int]], feats: np.ndarray) -> None:
+        for k, (i, j) in enumerate(chunk):
             out["features"][i][j] = feats[k]
             if spec.float16_column:
                 out["features_f16"][i][j] = feats[k].astype(np.float16).tobytes()
+
+    for start in range(0, len(rows.host), spec.batch_size):
+        chunk = rows.host[start : start + spec.batch_size]
+        batch = input_batch([img.array for _, _, img in chunk], size)
+        store([(i, j) for i, j, _ in chunk], np.asarray(predict(batch), dtype=np.float32))
+    if rows.device:
+        import torch
+
+        for start in range(0, len(rows.device), spec.batch_size):
+            chunk = rows.device[start : start + spec.batch_size]
+            feats = predict.from_device(torch.stack([t for _, t in chunk]))  # type: ignore[attr-defined]
+            store([(i, 0) for i, _ in chunk], np.asarray(feats, dtype=np.float32))
     if timings is not None:
-        t2 = time.perf_counter()
-        timings["decode"] = timings.get("decode", 0.0) + (t1 - t0)
-        timings["inference"] = timings.get("inference", 0.0) + (t2 - t1)
+        timings["inference"] = timings.get("inference", 0.0) + (time.perf_counter() - t0)
     return pd.DataFrame(out)
+
+
+def featurize_batch(
+    contents: pd.Series | pd.DataFrame,
+    predict: Callable[[np.ndarray], np.ndarray],
+    spec: FeaturizeSpec,
+    pool: ThreadPoolExecutor | None = None,
+    timings: dict[str, float] | None = None,
+    jpeg_decoder: Any = None,
+) -> pd.DataFrame:
+    """Decode every row, run the model on every decoded image (slice) in chunks, return one result row per input.
+
+    ``contents``: file bytes (a Series), or the rows of Spark's image struct (a DataFrame: origin, height, width,
+    nChannels, mode, data). ``timings`` (optional) accumulates seconds spent in "decode" and "inference".
+    ``jpeg_decoder``: a ``DeviceJpegDecoder`` for ``inference.jpeg_decoder=nvjpeg`` (None: Pillow for all).
+    """
+    return infer_rows(decode_rows(contents, spec, pool, timings, jpeg_decoder), predict, spec, timings)
+
+
+def featurize_stream(batches: Iterator[pd.Series | pd.DataFrame], predict: Callable[[np.ndarray], np.ndarray],
+                     spec: FeaturizeSpec, pool: ThreadPoolExecutor | None = None,
+                     timings: dict[str, float] | None = None, jpeg_decoder: Any = None) -> Iterator[pd.DataFrame]:
+    """``featurize_batch`` over a task's batches; with ``spec.prefetch`` the next batch is decoded in a thread
+    while the model runs on this one (Pillow, nvJPEG and the model release the GIL)."""
+    if not spec.prefetch:
+        for contents in batches:
+            yield featurize_batch(contents, predict, spec, pool, timings, jpeg_decoder)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="imgfeat-prefetch") as ahead:
+        pending = None
+        for contents in batches:
+            ready, pending = pending, ahead.submit(decode_rows, contents, spec, pool, timings, jpeg_decoder)
+            if ready is not None:
+                yield infer_rows(ready.result(), predict, spec, timings)
+        if pending is not None:
+            yield infer_rows(pending.result(), predict, spec, timings)
+
+
+def jpeg_decoder_for(spec: FeaturizeSpec, predict: Any) -> Any:
+    """The device JPEG decoder ``spec`` asks for (None for Pillow)."""
+    if spec.jpeg_decoder != "nvjpeg":
+        return None
+    from imgfeat.engines.torch_jpeg import DeviceJpegDecoder
+
+    return DeviceJpegDecoder(spec.decode, predict.device)
 
 
 # Test-only fault injection (docs/reliability.md), off unless this variable is set in the workers' environment:
@@ -171,7 +271,7 @@ def _predictor(spec: FeaturizeSpec, weights_broadcast: Any) -> Callable[[np.ndar
     from imgfeat.engines.base import cached_predictor
 
     options = EngineOptions(threads=spec.tf_threads, device=spec.device, precision=spec.precision,
-                            input_size=spec.decode.size)
+                            input_size=spec.decode.size, compile=spec.compile, jpeg_decoder=spec.jpeg_decoder)
     return cached_predictor(engine_of(spec.backbone), spec.backbone, spec.weights,
                             lambda: None if weights_broadcast is None else weights_broadcast.value, options)
 
@@ -195,8 +295,7 @@ def featurize_udf(
         timings: dict[str, float] = {"model_load": time.perf_counter() - started}
         pool = ThreadPoolExecutor(spec.decode_threads) if spec.decode_threads > 1 else None
         try:
-            for contents in batches:
-                yield featurize_batch(contents, predict, spec, pool, timings)
+            yield from featurize_stream(batches, predict, spec, pool, timings, jpeg_decoder_for(spec, predict))
         finally:
             if pool:
                 pool.shutdown()

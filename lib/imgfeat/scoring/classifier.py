@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from imgfeat.backbones.registry import get_backbone
+from imgfeat.engines.base import input_batch
 from imgfeat.io.decoders import DecodeError, DecodeOptions, decode_or_error
 from imgfeat.scoring.heads import HeadArrays
 
@@ -173,9 +174,7 @@ class ImageClassifier:
         if not ok:
             return out
         size = self.decode.size
-        batch = np.empty((len(ok), size, size, 3), dtype=np.float32)  # as featurize_batch builds it
-        for k, i in enumerate(ok):
-            batch[k] = decoded[i].array
+        batch = input_batch([decoded[i].array for i in ok], size)  # as featurize_batch builds it
         with self._lock:
             features = np.asarray(self._ensure_predictor()(batch), dtype=np.float32)
             maps = np.asarray(self._ensure_maps()(batch), dtype=np.float32) if explain else None

@@ -67,7 +67,7 @@ class DecodeOptions:
 
 @dataclass
 class DecodedImage:
-    array: np.ndarray  # float32, (size, size, 3), values 0..255
+    array: np.ndarray  # (size, size, 3), values 0..255: uint8 from 8-bit images, float32 otherwise
     width: int  # original width, after EXIF orientation
     height: int
     source_mode: str  # Pillow mode of the file, e.g. L, RGB, RGBA, P, I;16 (DICOM: its photometric interpretation)

@@ -1,4 +1,5 @@
-"""Photographic formats with Pillow: bytes -> float32 HxWx3 array in 0..255, or a classified DecodeError.
+"""Photographic formats with Pillow: bytes -> HxWx3 array in 0..255 (uint8 from 8-bit images, float32 from
+high-bit-depth ones), or a classified DecodeError.
 
 Pure Pillow + NumPy (no Spark, no TensorFlow) so it runs the same in a UDF, a test or a script.
 """
@@ -80,7 +81,7 @@ def resize(img: Image.Image, size: int, mode: str, resample: int) -> Image.Image
 
 
 def decode_image(data: bytes | None, options: DecodeOptions) -> DecodedImage:
-    """Decode ``data`` into a (size, size, 3) float32 array in 0..255; raise DecodeError otherwise."""
+    """Decode ``data`` into a (size, size, 3) array in 0..255 (``model_array``); raise DecodeError otherwise."""
     if data is None or len(data) == 0:
         raise DecodeError(EMPTY_FILE, "the file is empty (0 bytes)")
     # Pillow's own bomb guard uses this limit (warning above it, error above twice it).
@@ -130,8 +131,13 @@ def decode_image(data: bytes | None, options: DecodeOptions) -> DecodedImage:
 
 
 def model_array(img: Image.Image, options: DecodeOptions) -> np.ndarray:
-    """A decoded Pillow image -> (size, size, 3) float32 in 0..255: modes to RGB/L/F, then the one resize."""
+    """A decoded Pillow image -> (size, size, 3) in 0..255: modes to RGB/L/F, then the one resize.
+
+    8-bit images stay uint8 (a quarter of float32's bytes on their way to the model, and to a GPU); high-bit-depth
+    ones (mode F after scaling) are float32.
+    """
     img = _to_rgb_or_float(img, options.high_bit_depth)
-    arr = np.asarray(resize(img, options.size, options.resize_mode, RESAMPLE[options.resample]), dtype=np.float32)
+    resized = resize(img, options.size, options.resize_mode, RESAMPLE[options.resample])
+    arr = np.asarray(resized, dtype=np.float32 if resized.mode == "F" else np.uint8)
     return np.repeat(arr[:, :, None], 3, axis=2) if arr.ndim == 2 else arr
 
