@@ -115,11 +115,15 @@ def decode_rows(contents: pd.Series | pd.DataFrame, spec: FeaturizeSpec, pool: T
     items = [row for _, row in contents.iterrows()] if structs else list(contents)
     on_device = _device_decode(items, spec, jpeg_decoder) if jpeg_decoder is not None and not structs else {}
     rest = [i for i in range(n) if i not in on_device]
-    decode = lambda i: _decode_one(items[i], spec)  # noqa: E731
+
+    def decode(i: int) -> tuple[Any, list[str] | None]:  # in the decode threads: the image and its hashes
+        d = _decode_one(items[i], spec)
+        return d, None if isinstance(d, DecodeError) else [perceptual_hash(img.array) for img in d]
+
     decoded = dict(zip(rest, pool.map(decode, rest) if pool else map(decode, rest), strict=True))
     out: dict[str, list[Any]] = {name: [None] * n for name in RESULT_FIELDS}
     host: list[tuple[int, int, Any]] = []
-    for i, d in decoded.items():
+    for i, (d, phashes) in decoded.items():
         if isinstance(d, DecodeError):
             out["error_class"][i] = d.error_class
             out["error_message"][i] = d.message
@@ -135,7 +139,7 @@ def decode_rows(contents: pd.Series | pd.DataFrame, spec: FeaturizeSpec, pool: T
         for key in META_FIELDS:
             out[key][i] = first.meta.get(key)
         out["slice_index"][i] = [img.slice_index for img in d]
-        out["phash"][i] = [perceptual_hash(img.array) for img in d]
+        out["phash"][i] = phashes
         out["features"][i] = [None] * len(d)
         out["features_f16"][i] = [None] * len(d)
         host += [(i, j, img) for j, img in enumerate(d)]
