@@ -47,7 +47,7 @@ def run_task_bench(input_dir: str, model: str = "efficientnet_lite0", limit: int
 
     from imgfeat.backbones.registry import get_backbone
     from imgfeat.bench.run import list_images
-    from imgfeat.engines import EngineOptions, get_predictor, resolve_weights
+    from imgfeat.engines import get_predictor, resolve_weights
     from imgfeat.featurize.udf import FeaturizeSpec, featurize_stream, jpeg_decoder_for
     from imgfeat.io.decoders import DecodeOptions
 
@@ -59,13 +59,11 @@ def run_task_bench(input_dir: str, model: str = "efficientnet_lite0", limit: int
     backbone = get_backbone(model)
     source = resolve_weights(backbone, weights)
     size = backbone.input_size
-    options = EngineOptions(threads=threads, device=device, precision=precision, compile=compile,
-                            jpeg_decoder=jpeg_decoder, input_size=size)
-    started = time.perf_counter()
-    predict = get_predictor(model, source, source.read_bytes, options)
     spec = FeaturizeSpec(backbone=backbone, weights=source, decode=DecodeOptions(size=size), batch_size=batch_size,
-                         precision=precision, device=device, prefetch=prefetch, compile=compile,
+                         tf_threads=threads, precision=precision, device=device, prefetch=prefetch, compile=compile,
                          jpeg_decoder=jpeg_decoder, decode_threads=decode_threads)
+    started = time.perf_counter()
+    predict = get_predictor(model, source, source.read_bytes, spec.engine_options())
     warm = np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
     predict(warm)  # warm up (and compile) at the full batch shape
     model_load = time.perf_counter() - started

@@ -122,11 +122,12 @@ class TorchEngine(Engine):
                            options: EngineOptions) -> Predictor:
         """The last feature map (n, h, w, c) in float32, on the CPU or GPU as the predictor."""
         torch, device, model, mean, std = self._on_device(backbone, source, file_bytes, options)
+        inputs = TorchPredictor(torch, device, model, mean, std)  # the same transfer and normalisation
 
         def maps(batch: np.ndarray) -> np.ndarray:
             with torch.inference_mode():
-                x = torch.as_tensor(np.ascontiguousarray(batch)).to(device).permute(0, 3, 1, 2).float()
-                return model.feature_maps((x - mean) / std).permute(0, 2, 3, 1).float().cpu().numpy()
+                x = inputs.normalised(inputs.to_device(batch).permute(0, 3, 1, 2))
+                return model.feature_maps(x).permute(0, 2, 3, 1).float().cpu().numpy()
 
         return maps
 
@@ -142,7 +143,8 @@ class TorchPredictor:
         self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self._pinned: dict[tuple[Any, ...], Any] = {}
 
-    def _to_device(self, batch: np.ndarray) -> Any:
+    def to_device(self, batch: np.ndarray) -> Any:
+        """A host batch as a tensor on the device, dtype unchanged (through a pinned buffer on CUDA)."""
         torch = self.torch
         x = torch.from_numpy(np.ascontiguousarray(batch))
         if self.device.type != "cuda":
@@ -156,16 +158,20 @@ class TorchPredictor:
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         with self.torch.inference_mode():
-            return self._run(self._to_device(batch).permute(0, 3, 1, 2))
+            return self._run(self.to_device(batch).permute(0, 3, 1, 2))
 
     def from_device(self, x: Any) -> np.ndarray:
         """Features of a uint8 (n, 3, s, s) batch on the device."""
         with self.torch.inference_mode():
             return self._run(x)
 
+    def normalised(self, x: Any) -> Any:
+        """(n, 3, s, s) 0..255 on the device -> float32, (x - mean) / std."""
+        return (x.float() - self.mean) / self.std
+
     def _run(self, x: Any) -> np.ndarray:
         torch = self.torch
-        x = (x.float() - self.mean) / self.std
+        x = self.normalised(x)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         if self.autocast is not None:

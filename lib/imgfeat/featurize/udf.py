@@ -70,6 +70,13 @@ class FeaturizeSpec:
     def model_name(self) -> str:
         return self.backbone.name
 
+    def engine_options(self) -> Any:
+        """The engine's options for this spec (what the worker's cached predictor is keyed by)."""
+        from imgfeat.engines import EngineOptions
+
+        return EngineOptions(threads=self.tf_threads, device=self.device, precision=self.precision,
+                             input_size=self.decode.size, compile=self.compile, jpeg_decoder=self.jpeg_decoder)
+
 
 def _decode_one(data: Any, spec: FeaturizeSpec) -> Any:
     """A list of decoded images (file bytes, or a row of Spark's image source), or the DecodeError."""
@@ -271,13 +278,12 @@ def _injected_fault() -> None:
 
 def _predictor(spec: FeaturizeSpec, weights_broadcast: Any) -> Callable[[np.ndarray], np.ndarray]:
     """The worker's cached model for ``spec`` (built on first use in this process), from the backbone's engine."""
-    from imgfeat.engines import EngineOptions, engine_of
+    from imgfeat.engines import engine_of
     from imgfeat.engines.base import cached_predictor
 
-    options = EngineOptions(threads=spec.tf_threads, device=spec.device, precision=spec.precision,
-                            input_size=spec.decode.size, compile=spec.compile, jpeg_decoder=spec.jpeg_decoder)
     return cached_predictor(engine_of(spec.backbone), spec.backbone, spec.weights,
-                            lambda: None if weights_broadcast is None else weights_broadcast.value, options)
+                            lambda: None if weights_broadcast is None else weights_broadcast.value,
+                            spec.engine_options())
 
 
 def featurize_udf(
