@@ -335,11 +335,15 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
     check_recorded_settings(spark, cfg, fmt, backbone.name, resolved.weights_id, settings)
     broadcast = broadcast_weights(spark, resolved)
     warmup = _start_warmup(spark, spec, broadcast) if cfg.inference.warmup else None
+    sc = spark.sparkContext
+    sc.setJobDescription("imgfeat extract: existing tables")
     existing = existing_keys(spark, cfg, fmt, resolved.weights_id)
+    sc.setJobDescription("imgfeat extract: listing")
     images, others = list_files(spark, cfg)
     images = images.persist(StorageLevel.MEMORY_AND_DISK)
     n_listed = images.count()
     n_other = others.count()
+    sc.setJobDescription("imgfeat extract: label report")
     labels = label_report(spark, cfg, images)
     for key, text in (("unlabelled", "listed images have no label"),
                       ("manifest_unmatched", "label-manifest rows match no listed image"),
@@ -347,6 +351,7 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
         if labels[key]:
             log.warning("%d %s", labels[key], text)
     scratch = f"todo-{run_id}"
+    sc.setJobDescription("imgfeat extract: planning")
     todo, n_todo, replace, n_replaced = plan_work(spark, images, existing, cfg.output.mode, cfg.output.path, scratch)
     meta = [
         F.lit(backbone.name).alias("model"),
@@ -392,8 +397,11 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
             .unionByName(unread.select(*error_cols), allowMissingColumns=True)
             .select(*error_cols[:6], *meta, *error_cols[6:], *METADATA)
         )
+        sc.setJobDescription(f"imgfeat extract: featurize {n_todo} files, write features")
         append_rows(spark, feature_rows, cfg.output.path, fmt, replace=replace_keys(replace, backbone.name, resolved.weights_id))
+        sc.setJobDescription("imgfeat extract: write errors")
         append_rows(spark, error_rows, cfg.errors_path, fmt, replace=replace_keys(replace, backbone.name, resolved.weights_id))
+        sc.setJobDescription("imgfeat extract: counts")
         # Files, not rows: a volume gives one row per selected slice.
         counts = {r["ok"]: (r["files"], r["n"]) for r in rows.groupBy(F.col("error_class").isNull().alias("ok"))
                   .agg(F.countDistinct("path").alias("files"), F.count("*").alias("n")).collect()}
@@ -404,9 +412,11 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
         stages["featurize_and_write"] = time.time() - write_started
     if warmup is not None:
         warmup.join()
+    sc.setJobDescription("imgfeat extract: clean-up")
     stages.update({f"{k}_task_seconds": round(a.value, 3) for k, a in accumulators.items()})
     images.unpersist()
     drop_scratch(spark, cfg.output.path, scratch)
+    sc.setJobDescription(None)
     result = ExtractResult(
         listed=n_listed,
         ignored_other_files=n_other,

@@ -322,4 +322,5 @@ def warmup_workers(spark: Any, spec: FeaturizeSpec, weights_broadcast: Any, slot
         _predictor(spec, weights_broadcast)
         yield from batches
 
+    spark.sparkContext.setJobDescription("imgfeat: build the model in every Python worker")
     spark.range(slots, numPartitions=slots).mapInPandas(warm, "id long").collect()
