@@ -265,3 +265,37 @@ def test_precision_is_recorded_and_rows_of_two_precisions_never_mix(spark, sampl
 
         source = resolve_weights(get_backbone("tiny_torch"), "none")
         get_predictor("tiny_torch", source, source.read_bytes, EngineOptions(precision="fp16", device="cpu"))
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "tv_resnet50"])
+def test_batchnorm_folded_into_the_convolutions_gives_the_same_features(name):
+    import torch
+
+    from imgfeat.demo.samples import realistic_xray_array
+    from imgfeat.engines import EngineOptions, torch_models
+
+    backbone = get_backbone(name)
+    engine = engine_of(backbone)
+    # Real BatchNorm statistics for Lite0 (its ImageNet file); seeded ones made non-trivial for ResNet-50.
+    model = engine.build_model(backbone, resolve_weights(backbone, "imagenet" if name == "efficientnet_lite0" else "none"))
+    generator = torch.Generator().manual_seed(3)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d) and name != "efficientnet_lite0":
+            m.running_mean.uniform_(-0.5, 0.5, generator=generator)
+            m.running_var.uniform_(0.2, 2.0, generator=generator)
+            m.weight.data.uniform_(0.5, 1.5, generator=generator)
+    rng = np.random.default_rng(5)
+    batch = np.stack([np.repeat(realistic_xray_array(rng, (224, 224), i == 1)[:, :, None] * 255, 3, axis=2)
+                      for i in range(2)]).astype(np.float32)
+    x = engine.preprocess(backbone, batch)
+    before = engine.forward(model, x)
+    with pytest.raises(ValueError, match="eval"):
+        torch_models.fold_batchnorm(torch_models.build(backbone.constructor, 224).train())
+    folded = torch_models.fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    after = engine.forward(folded, x)
+    np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4 * float(np.abs(before).max()))
+    # The predictor runs the folded model.
+    source = resolve_weights(backbone, "imagenet" if name == "efficientnet_lite0" else "none")
+    predictor = engine.make_predictor(backbone, source, None, EngineOptions(threads=1))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in predictor.model.modules())

@@ -95,7 +95,9 @@ class TorchEngine(Engine):
         torch = configure_torch(options.threads)
         device = _device(torch, options.device)
         size = options.input_size or backbone.input_size
-        model = self.build_model(backbone, source, file_bytes, input_size=size).to(device)
+        from imgfeat.engines.torch_models import fold_batchnorm
+
+        model = fold_batchnorm(self.build_model(backbone, source, file_bytes, input_size=size)).to(device)
         mean = torch.tensor(backbone.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         std = torch.tensor(backbone.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         return torch, device, model, mean, std

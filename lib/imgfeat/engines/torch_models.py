@@ -91,6 +91,15 @@ class ResNet(nn.Module):
         """The feature layers in order, for fine-tuning the last K (the ImageNet classifier ``fc`` is not used)."""
         return [self.conv1, self.bn1, *self.layer1, *self.layer2, *self.layer3, *self.layer4]
 
+    def conv_bn_pairs(self) -> list[tuple[nn.Module, str, str]]:
+        """(module, convolution, the BatchNorm that takes its output) for ``fold_batchnorm``."""
+        pairs = [(self, "conv1", "bn1")]
+        for block in [*self.layer1, *self.layer2, *self.layer3, *self.layer4]:
+            pairs += [(block, "conv1", "bn1"), (block, "conv2", "bn2"), (block, "conv3", "bn3")]
+            if block.downsample is not None:
+                pairs.append((block.downsample, "0", "1"))
+        return pairs
+
 
 class _DenseLayer(nn.Module):
     def __init__(self, num_input_features: int, growth_rate: int, bn_size: int):
@@ -195,6 +204,16 @@ class EfficientNetLite(nn.Module):
         n = self.net
         return [n._conv_stem, n._bn0, *n._blocks, n._conv_head, n._bn1]
 
+    def conv_bn_pairs(self) -> list[tuple[nn.Module, str, str]]:
+        """(module, convolution, the BatchNorm that takes its output) for ``fold_batchnorm``."""
+        n = self.net
+        pairs = [(n, "_conv_stem", "_bn0"), (n, "_conv_head", "_bn1")]
+        for block in n._blocks:
+            if hasattr(block, "_expand_conv"):
+                pairs.append((block, "_expand_conv", "_bn0"))
+            pairs += [(block, "_depthwise_conv", "_bn1"), (block, "_project_conv", "_bn2")]
+        return pairs
+
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         """Take the package's own checkpoint (keys without the ``net.`` prefix) as well as ours."""
         if not any(k.startswith("net.") for k in state_dict):
@@ -231,6 +250,26 @@ def build(architecture: str, input_size: int) -> nn.Module:
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown torch architecture {architecture!r}; available: {', '.join(ARCHITECTURES)}")
     return ARCHITECTURES[architecture](input_size)
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """For inference only (the model in eval mode): each BatchNorm that directly follows a convolution folded into
+    that convolution's weights and bias, in place. The same function in fewer operations: features equal to
+    float32 rounding, EfficientNet-Lite0 22 % faster on this CPU (docs/engines.md). Architectures without
+    ``conv_bn_pairs`` (DenseNet's BatchNorms come before its convolutions) are left as they are."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    pairs = getattr(model, "conv_bn_pairs", None)
+    if pairs is None:
+        return model
+    if model.training:
+        raise ValueError("fold_batchnorm is for inference: call model.eval() first")
+    for parent, conv_name, bn_name in pairs():
+        conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
+        if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+            setattr(parent, conv_name, fuse_conv_bn_eval(conv, bn))
+            setattr(parent, bn_name, nn.Identity())
+    return model
 
 
 def clean_state_dict(state: Any) -> dict[str, torch.Tensor]:
