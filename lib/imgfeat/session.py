@@ -66,6 +66,12 @@ def get_spark(cfg: Config) -> SparkSession:
         # (Spark counts every file as at least openCostInBytes, 4 MB by default, when packing tasks).
         settings["spark.sql.shuffle.partitions"] = str(max(4, 2 * (os.cpu_count() or 1)))
         settings["spark.sql.files.openCostInBytes"] = str(1024 * 1024)
+    if local and not under_submit:
+        # The JVM this process starts: client JIT only (C1). A local job's JVM does plumbing (planning, file reads,
+        # Arrow, Parquet), where the server compiler's compile time costs more than its faster code returns:
+        # measured on 2 cores, ResNet50 on 2,000 images, JVM CPU 43-49 -> 26-28 s and the job 5 s shorter
+        # (docs/benchmarks.md). A spark.conf of spark.driver.extraJavaOptions replaces it.
+        settings["spark.driver.extraJavaOptions"] = "-XX:TieredStopAtLevel=1"
     packages = ",".join([submitted.get("spark.jars.packages", ""), cfg.spark.conf.get("spark.jars.packages", "")])
     if "delta" in packages.lower() or os.environ.get("IMGFEAT_DELTA") == "1":
         settings["spark.sql.extensions"] = DELTA_EXTENSION
