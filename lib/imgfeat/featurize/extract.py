@@ -284,14 +284,16 @@ def _done_keys(images: DataFrame, existing: DataFrame) -> DataFrame:
 
 
 def plan_work(
-    spark: SparkSession, images: DataFrame, existing: DataFrame | None, mode: str, output: str, scratch: str
+    spark: SparkSession, images: DataFrame, existing: DataFrame | None, mode: str, output: str, scratch: str,
+    n_images: int | None = None,
 ) -> tuple[DataFrame, int, DataFrame | None, int]:
     """(todo, its count, paths whose old rows must be replaced, their count) for incremental/overwrite runs.
 
     When it depends on the existing tables (an incremental re-run), ``todo`` is materialised to the
     scratch folder ``scratch`` beside ``output`` (dropped with ``storage.drop_scratch`` at the end of
     the run) so that the plan never reads the tables about to be rewritten and survives the loss of an
-    executor. Otherwise ``todo`` is ``images`` itself (the caller persists it).
+    executor. Otherwise ``todo`` is ``images`` itself (the caller persists it), and ``n_images``, when
+    given, is its count.
     """
     from imgfeat.store.tables import materialize
 
@@ -303,7 +305,7 @@ def plan_work(
         todo = images.join(_done_keys(images, existing), on=["path", *FINGERPRINT], how="left_anti")
         replace = todo.join(existing.select("path").distinct(), on="path", how="left_semi").select("path")
         todo = materialize(spark, todo, output, scratch)
-    n_todo = todo.count()
+    n_todo = n_images if todo is images and n_images is not None else todo.count()
     replaced_paths = [r["path"] for r in replace.collect()] if replace is not None else []
     n_replaced = len(replaced_paths)
     replace = spark.createDataFrame([(p,) for p in replaced_paths], "path string") if n_replaced else None
@@ -341,10 +343,9 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
     sc.setJobDescription("imgfeat extract: listing")
     images, others = list_files(spark, cfg)
     images = images.persist(StorageLevel.MEMORY_AND_DISK)
-    n_listed = images.count()
+    labels = label_report(spark, cfg, images)  # the listed count too: one job
+    n_listed = labels.pop("listed")
     n_other = others.count()
-    sc.setJobDescription("imgfeat extract: label report")
-    labels = label_report(spark, cfg, images)
     for key, text in (("unlabelled", "listed images have no label"),
                       ("manifest_unmatched", "label-manifest rows match no listed image"),
                       ("ungrouped", "images match no group; each is its own group")):
@@ -352,7 +353,8 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
             log.warning("%d %s", labels[key], text)
     scratch = f"todo-{run_id}"
     sc.setJobDescription("imgfeat extract: planning")
-    todo, n_todo, replace, n_replaced = plan_work(spark, images, existing, cfg.output.mode, cfg.output.path, scratch)
+    todo, n_todo, replace, n_replaced = plan_work(spark, images, existing, cfg.output.mode, cfg.output.path, scratch,
+                                                    n_listed)
     meta = [
         F.lit(backbone.name).alias("model"),
         F.lit(resolved.weights_id).alias("weights_id"),

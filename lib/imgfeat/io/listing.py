@@ -162,16 +162,20 @@ def read_manifest(spark: SparkSession, cfg: Config, root: str) -> DataFrame:
 
 
 def label_report(spark: SparkSession, cfg: Config, images: DataFrame) -> dict[str, int]:
-    """How labelling went: listed images without a label, manifest rows that match no listed image, and (with a
-    grouped split) images whose group could not be found (each is then its own group)."""
+    """How listing and labelling went, in one pass over ``images``: the images listed, those without a label,
+    (with a grouped split) those whose group could not be found (each is then its own group), and label-manifest
+    rows that match no listed image (a second job, manifest labels only)."""
     from pyspark.sql import functions as F
 
     mode = cfg.input.label.effective_mode
-    ungrouped = images.filter(F.col("group_id").isNull()).count() if cfg.input.split.group != "none" else 0
-    if mode == "none":
-        return {"unlabelled": 0, "manifest_unmatched": 0, "ungrouped": ungrouped}
-    report = {"unlabelled": images.filter(F.col("label").isNull()).count(), "manifest_unmatched": 0,
-              "ungrouped": ungrouped}
+    counts = [F.count(F.lit(1)).alias("listed")]
+    if mode != "none":
+        counts.append(F.count_if(F.col("label").isNull()).alias("unlabelled"))
+    if cfg.input.split.group != "none":
+        counts.append(F.count_if(F.col("group_id").isNull()).alias("ungrouped"))
+    row = images.agg(*counts).first().asDict()
+    report = {"listed": row["listed"], "unlabelled": row.get("unlabelled") or 0, "manifest_unmatched": 0,
+              "ungrouped": row.get("ungrouped") or 0}
     if mode == "manifest":
         manifest = read_manifest(spark, cfg, qualify(spark, cfg.input.path))
         report["manifest_unmatched"] = manifest.join(images.select("rel_path"), on="rel_path", how="left_anti").count()
