@@ -6,6 +6,8 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from imgfeat.config import Config
@@ -97,6 +99,30 @@ def _set_runtime_conf(spark: SparkSession, cfg: Config) -> None:
         spark.conf.set("spark.sql.execution.arrow.pyspark.enabled", "true")
     except Exception as exc:  # some managed sessions forbid setting confs
         log.warning("could not set Arrow batch size on the running session: %s", exc)
+
+
+@contextmanager
+def sql_conf(spark: SparkSession, settings: dict[str, str]) -> Iterator[None]:
+    """Runtime SQL settings for the queries run inside the block, restored afterwards. A session that refuses a
+    setting (some managed ones do) keeps its own: these are optimisations, never needed for correct results."""
+    previous: dict[str, str | None] = {}
+    for key, value in settings.items():
+        try:
+            previous[key] = spark.conf.get(key, None)
+            spark.conf.set(key, value)
+        except Exception as exc:
+            log.debug("could not set %s (%s); keeping the session's value", key, str(exc)[:120])
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            try:
+                if value is None:
+                    spark.conf.unset(key)
+                else:
+                    spark.conf.set(key, value)
+            except Exception:
+                pass
 
 
 def task_slots(spark: SparkSession) -> int:

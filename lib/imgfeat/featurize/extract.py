@@ -320,6 +320,7 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
     from imgfeat.engines import resolve_weights
     from imgfeat.featurize.settings import settings_json
     from imgfeat.io.listing import broadcast_if_small, label_report, list_files, read_contents
+    from imgfeat.session import sql_conf
     from imgfeat.store.tables import append_rows, drop_scratch, resolve_format
 
     if not cfg.output.path:
@@ -400,7 +401,12 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
             .select(*error_cols[:6], *meta, *error_cols[6:], *METADATA)
         )
         sc.setJobDescription(f"imgfeat extract: featurize {n_todo} files, write features")
-        append_rows(spark, feature_rows, cfg.output.path, fmt, replace=replace_keys(replace, backbone.name, resolved.weights_id))
+        # Without adaptive execution the write computes the persisted rows and writes them in one pass; with it,
+        # Spark first materialises the cache in a job of its own and then writes from it (a second pass over
+        # every feature vector: 2.9 s per 2,000 images here).
+        with sql_conf(spark, {"spark.sql.adaptive.enabled": "false"}):
+            append_rows(spark, feature_rows, cfg.output.path, fmt,
+                        replace=replace_keys(replace, backbone.name, resolved.weights_id))
         sc.setJobDescription("imgfeat extract: write errors")
         append_rows(spark, error_rows, cfg.errors_path, fmt, replace=replace_keys(replace, backbone.name, resolved.weights_id))
         sc.setJobDescription("imgfeat extract: counts")
