@@ -277,7 +277,8 @@ def test_batchnorm_folded_into_the_convolutions_gives_the_same_features(name):
     backbone = get_backbone(name)
     engine = engine_of(backbone)
     # Real BatchNorm statistics for Lite0 (its ImageNet file); seeded ones made non-trivial for ResNet-50.
-    model = engine.build_model(backbone, resolve_weights(backbone, "imagenet" if name == "efficientnet_lite0" else "none"))
+    source = resolve_weights(backbone, "imagenet" if name == "efficientnet_lite0" else "none")
+    model = engine.build_model(backbone, source)
     generator = torch.Generator().manual_seed(3)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d) and name != "efficientnet_lite0":
@@ -296,6 +297,5 @@ def test_batchnorm_folded_into_the_convolutions_gives_the_same_features(name):
     after = engine.forward(folded, x)
     np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4 * float(np.abs(before).max()))
     # The predictor runs the folded model.
-    source = resolve_weights(backbone, "imagenet" if name == "efficientnet_lite0" else "none")
     predictor = engine.make_predictor(backbone, source, None, EngineOptions(threads=1))
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in predictor.model.modules())

@@ -300,12 +300,13 @@ def plan_work(
     if existing is None or mode == "overwrite":
         # The plan does not depend on the tables: no need to freeze it (a first run skips a write).
         todo = images
+        n_todo = images.count() if n_images is None else n_images
         replace = existing.select("path").distinct() if existing is not None else None
     else:
         todo = images.join(_done_keys(images, existing), on=["path", *FINGERPRINT], how="left_anti")
         replace = todo.join(existing.select("path").distinct(), on="path", how="left_semi").select("path")
         todo = materialize(spark, todo, output, scratch)
-    n_todo = n_images if todo is images and n_images is not None else todo.count()
+        n_todo = todo.count()
     replaced_paths = [r["path"] for r in replace.collect()] if replace is not None else []
     n_replaced = len(replaced_paths)
     replace = spark.createDataFrame([(p,) for p in replaced_paths], "path string") if n_replaced else None

@@ -182,6 +182,7 @@ def run_predict(spark: SparkSession, cfg: Config) -> PredictResult:
         unread_errors,
     )
     from imgfeat.io.listing import broadcast_if_small, list_files, read_contents
+    from imgfeat.session import sql_conf
     from imgfeat.store.tables import append_rows, drop_scratch, read_table, resolve_format
 
     if not cfg.output.path:
@@ -203,7 +204,8 @@ def run_predict(spark: SparkSession, cfg: Config) -> PredictResult:
     n_listed = images.count()
     existing = existing_keys(spark, cfg, fmt, weights_id, model=uri)
     scratch = f"todo-{run_id}"
-    todo, n_todo, replace, n_replaced = plan_work(spark, images, existing, cfg.output.mode, cfg.output.path, scratch)
+    todo, n_todo, replace, n_replaced = plan_work(spark, images, existing, cfg.output.mode, cfg.output.path, scratch,
+                                                    n_listed)
     meta = [F.lit(uri).alias("model"), F.lit(ref.uri).alias("model_uri"),
             F.lit(ref.version).cast("string").alias("model_version"), F.lit(ref.run_id).alias("model_run_id"),
             F.lit(weights_id).alias("weights_id"), F.lit(run_id).alias("run_id"),
@@ -242,7 +244,8 @@ def run_predict(spark: SparkSession, cfg: Config) -> PredictResult:
             .select(*error_cols[:5], *meta, *error_cols[5:])
         )
         keys = replace_keys(replace, uri, weights_id)
-        append_rows(spark, prediction_rows, cfg.output.path, fmt, replace=keys)
+        with sql_conf(spark, {"spark.sql.adaptive.enabled": "false"}):  # one pass: as extract's features write
+            append_rows(spark, prediction_rows, cfg.output.path, fmt, replace=keys)
         append_rows(spark, error_rows, cfg.errors_path, fmt, replace=keys)
         failed = rows.filter(F.col("error_class").isNotNull()).select("path").distinct().count() + unread.count()
         decoded = rows.filter(F.col("error_class").isNull())
