@@ -299,3 +299,24 @@ def test_batchnorm_folded_into_the_convolutions_gives_the_same_features(name):
     # The predictor runs the folded model.
     predictor = engine.make_predictor(backbone, source, None, EngineOptions(threads=1))
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in predictor.model.modules())
+
+
+def test_the_keras_engine_imports_keras_without_its_optional_sklearn_and_matplotlib_integrations():
+    """Every Python worker imports Keras; its scikit-learn wrappers and plots are never used there (2 CPU-s each)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "from imgfeat.backbones.registry import get_backbone\n"
+        "from imgfeat.engines import EngineOptions, get_predictor, resolve_weights\n"
+        "b = get_backbone('tiny'); src = resolve_weights(b, 'none')\n"
+        "f = get_predictor('tiny', src, src.read_bytes, EngineOptions(threads=1))(np.zeros((2, 32, 32, 3), np.uint8))\n"
+        "print(f.shape, sorted(m for m in ('sklearn', 'matplotlib') if m in sys.modules))\n"
+        "import sklearn.base, matplotlib.pyplot\n"  # still importable afterwards
+        "print('later imports work')\n"
+    )
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines()[-2:] == ["(2, 16) []", "later imports work"]

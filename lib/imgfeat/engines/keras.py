@@ -6,8 +6,12 @@ jax) the same backbones and weights files run through Keras' own call (docs/engi
 
 from __future__ import annotations
 
+import importlib.abc
 import os
+import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -18,12 +22,63 @@ from imgfeat.engines.base import Engine, EngineOptions, Predictor
 
 _TF_CONFIGURED = False
 
+# Libraries Keras 3 imports at start-up only when it finds them installed, for features the engine never uses:
+# scikit-learn for keras.wrappers' estimators (it brings scipy.stats), matplotlib for keras.visualization's plots.
+# Measured here, with pandas and pyarrow loaded as in a pandas-UDF worker: `import tensorflow` 5.2 -> 3.0 CPU-s.
+OPTIONAL_AT_IMPORT = ("sklearn", "matplotlib")
+
+
+class _SkipAtImport(importlib.abc.MetaPathFinder):
+    """Makes the first import of the named top-level packages fail, as if they were not installed."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> None:
+        if fullname.partition(".")[0] in self.names:
+            raise ImportError(f"{fullname} is not imported with Keras by imgfeat's engine")
+        return None
+
+
+@contextmanager
+def _lean_import() -> Iterator[None]:
+    skip = tuple(name for name in OPTIONAL_AT_IMPORT if name not in sys.modules)
+    finder = _SkipAtImport(skip)
+    if skip:
+        sys.meta_path.insert(0, finder)
+    try:
+        yield
+    finally:
+        if skip:
+            sys.meta_path.remove(finder)
+
+
+def import_keras() -> Any:
+    """``import keras`` (with TensorFlow, its default backend) without Keras' optional scikit-learn and matplotlib
+    integrations, unless they are loaded already: every Python worker pays the import, and the engine uses neither.
+    Only Keras' own references to them stay empty (keras.wrappers, keras.visualization); importing them later works
+    as usual."""
+    if "keras" in sys.modules:
+        return sys.modules["keras"]
+    with _lean_import():
+        import keras
+    return keras
+
+
+def import_tensorflow() -> Any:
+    """``import tensorflow`` the way :func:`import_keras` imports Keras (TensorFlow imports Keras 3 itself)."""
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    with _lean_import():
+        import tensorflow
+    return tensorflow
+
 
 def configure_tensorflow(threads: int = 0, device: str = "auto") -> Any:
     """Set TF threads (0 = all cores) and GPU behaviour once per process, before TF starts its runtime."""
     global _TF_CONFIGURED
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
+    tf = import_tensorflow()
 
     if _TF_CONFIGURED:
         return tf
@@ -62,7 +117,7 @@ def build_architecture(backbone: Backbone, input_size: int | None = None) -> Any
 
     ``input_size`` may differ from the default: the weights do not depend on it.
     """
-    import keras
+    keras = import_keras()
 
     size = input_size or backbone.input_size
     if backbone.constructor == "tiny":
@@ -79,7 +134,7 @@ class KerasEngine(Engine):
 
     def build_model(self, backbone: Backbone, source: WeightsSource, file_bytes: bytes | None = None,
                     input_size: int | None = None) -> Any:
-        import keras
+        keras = import_keras()
 
         if source.seed is not None:
             keras.utils.set_random_seed(source.seed)
@@ -109,7 +164,7 @@ class KerasEngine(Engine):
         keras.applications' "caffe" preprocessing subtracts its means from a NumPy input in place)."""
         if backbone.preprocess_module == "tiny":
             return batch / 127.5 - 1.0
-        import keras
+        keras = import_keras()
 
         batch = np.array(batch, dtype=np.float32, copy=True) if isinstance(batch, np.ndarray) else batch
         return getattr(keras.applications, backbone.preprocess_module).preprocess_input(batch)
@@ -119,7 +174,7 @@ class KerasEngine(Engine):
 
     def make_predictor(self, backbone: Backbone, source: WeightsSource, file_bytes: bytes | None,
                        options: EngineOptions) -> Predictor:
-        import keras
+        keras = import_keras()
 
         if keras.backend.backend() != "tensorflow":
             return self._backend_predictor(keras, backbone, source, file_bytes, options)
@@ -168,7 +223,7 @@ class KerasEngine(Engine):
     def make_map_predictor(self, backbone: Backbone, source: WeightsSource, file_bytes: bytes | None,
                            options: EngineOptions) -> Predictor:
         """The input of the final GlobalAveragePooling2D (n, h, w, c): the feature map the features average."""
-        import keras
+        keras = import_keras()
 
         if keras.backend.backend() == "tensorflow":
             configure_tensorflow(options.threads, options.device)
