@@ -320,7 +320,7 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
 
     from imgfeat.engines import resolve_weights
     from imgfeat.featurize.settings import settings_json
-    from imgfeat.io.listing import broadcast_if_small, label_report, list_files, read_contents
+    from imgfeat.io.listing import broadcast_if_small, label_report, list_files, read_contents, read_task_settings
     from imgfeat.session import sql_conf
     from imgfeat.store.tables import append_rows, drop_scratch, resolve_format
 
@@ -370,6 +370,7 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
     if n_todo:
         log.info("featurizing %d of %d files with %s", n_todo, n_listed, backbone.name)
         contents = read_contents(spark, cfg, todo, n_todo, n_listed)
+        read_settings = read_task_settings(spark, todo, n_todo, n_listed, others, n_other)
         # Per-file attributes ride along with the bytes (a broadcast join), so nothing is shuffled
         # and the UDF's output needs no join afterwards.
         attrs = broadcast_if_small(todo.drop(*FINGERPRINT), n_todo)
@@ -404,8 +405,8 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
         sc.setJobDescription(f"imgfeat extract: featurize {n_todo} files, write features")
         # Without adaptive execution the write computes the persisted rows and writes them in one pass; with it,
         # Spark first materialises the cache in a job of its own and then writes from it (a second pass over
-        # every feature vector: 2.9 s per 2,000 images here).
-        with sql_conf(spark, {"spark.sql.adaptive.enabled": "false"}):
+        # every feature vector: 2.9 s per 2,000 images here). The read tasks are sized to finish together.
+        with sql_conf(spark, {"spark.sql.adaptive.enabled": "false", **read_settings}):
             append_rows(spark, feature_rows, cfg.output.path, fmt,
                         replace=replace_keys(replace, backbone.name, resolved.weights_id))
         sc.setJobDescription("imgfeat extract: write errors")

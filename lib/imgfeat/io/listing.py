@@ -266,6 +266,23 @@ def read_contents(spark: SparkSession, cfg: Config, todo: DataFrame, n_todo: int
     return contents.join(broadcast_if_small(todo.select("path"), n_todo), on="path", how="left_semi")
 
 
+def read_task_settings(spark: SparkSession, todo: DataFrame, n_todo: int, n_listed: int, others: DataFrame,
+                       n_other: int | None = None) -> dict[str, str]:
+    """Settings (for ``session.sql_conf`` around the action) that give :func:`read_contents`' scan of ``todo`` read
+    tasks finishing together (:mod:`imgfeat.io.read_tasks`); empty where that scan also lists files already done."""
+    from imgfeat.io.read_tasks import balanced_read_settings
+
+    if n_todo <= MAX_EXPLICIT_PATHS and n_todo < n_listed:
+        scanned = todo.select("file_length")  # the scan reads these paths
+    elif n_todo == n_listed:  # the whole folder
+        scanned = todo.select("file_length")
+        if n_other is None or n_other:
+            scanned = scanned.unionByName(others.select("file_length"))
+    else:
+        return {}
+    return balanced_read_settings(spark, scanned)
+
+
 def broadcast_if_small(df: DataFrame, rows: int) -> DataFrame:
     """Broadcast a path list that fits comfortably in memory, so image bytes are never shuffled."""
     from pyspark.sql import functions as F

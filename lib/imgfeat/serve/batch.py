@@ -181,7 +181,7 @@ def run_predict(spark: SparkSession, cfg: Config) -> PredictResult:
         replace_keys,
         unread_errors,
     )
-    from imgfeat.io.listing import broadcast_if_small, list_files, read_contents
+    from imgfeat.io.listing import broadcast_if_small, list_files, read_contents, read_task_settings
     from imgfeat.session import sql_conf
     from imgfeat.store.tables import append_rows, drop_scratch, read_table, resolve_format
 
@@ -199,7 +199,7 @@ def run_predict(spark: SparkSession, cfg: Config) -> PredictResult:
     fmt = resolve_format(spark, cfg.output.format)
     run_id = uuid.uuid4().hex[:12]
 
-    images, _ = list_files(spark, cfg)
+    images, others = list_files(spark, cfg)
     images = images.persist(StorageLevel.MEMORY_AND_DISK)
     n_listed = images.count()
     existing = existing_keys(spark, cfg, fmt, weights_id, model=uri)
@@ -215,6 +215,7 @@ def run_predict(spark: SparkSession, cfg: Config) -> PredictResult:
     counts: dict[str, int] = {}
     if n_todo:
         contents = read_contents(spark, cfg, todo, n_todo, n_listed)
+        read_settings = read_task_settings(spark, todo, n_todo, n_listed, others)
         rows = featurize_contents(
             contents.select("path", "content", F.col("length").alias("file_length"),
                             F.col("modificationTime").alias("file_modification_time"))
@@ -244,7 +245,8 @@ def run_predict(spark: SparkSession, cfg: Config) -> PredictResult:
             .select(*error_cols[:5], *meta, *error_cols[5:])
         )
         keys = replace_keys(replace, uri, weights_id)
-        with sql_conf(spark, {"spark.sql.adaptive.enabled": "false"}):  # one pass: as extract's features write
+        # One pass, in read tasks that finish together: as extract's features write.
+        with sql_conf(spark, {"spark.sql.adaptive.enabled": "false", **read_settings}):
             append_rows(spark, prediction_rows, cfg.output.path, fmt, replace=keys)
         append_rows(spark, error_rows, cfg.errors_path, fmt, replace=keys)
         failed = rows.filter(F.col("error_class").isNotNull()).select("path").distinct().count() + unread.count()
