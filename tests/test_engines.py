@@ -320,3 +320,25 @@ def test_the_keras_engine_imports_keras_without_its_optional_sklearn_and_matplot
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.splitlines()[-2:] == ["(2, 16) []", "later imports work"]
+
+
+def test_a_worker_freezes_what_it_holds_once_its_model_is_built():
+    """Spark runs gc.collect() in a reused Python worker after every task: with the model and the framework frozen,
+    that walks only the task's own objects."""
+    import gc
+
+    from imgfeat.featurize import udf
+
+    backbone = get_backbone("tiny")
+    spec = udf.FeaturizeSpec(backbone=backbone, weights=resolve_weights(backbone, "none"),
+                             decode=DecodeOptions(size=backbone.input_size))
+    udf._FROZEN.clear()
+    gc.unfreeze()
+    try:
+        predict = udf._predictor(spec, None)
+        frozen = gc.get_freeze_count()
+        assert frozen > 10_000  # TensorFlow, Keras and the model
+        assert udf._predictor(spec, None) is predict
+        assert gc.get_freeze_count() == frozen  # once per model, not per task
+    finally:
+        gc.unfreeze()
