@@ -69,8 +69,8 @@ def test_extract_reads_in_tasks_that_finish_together(spark, tmp_path):
     cfg = tiny_config(str(tmp_path / "in"), str(tmp_path / "out"))
     with sql_conf(spark, {"spark.sql.files.maxPartitionBytes": str(9 * (1 << 20) - 1)}):
         assert makespan(_spark_task_sizes(spark, str(tmp_path / "in")), 2) == 27
-        images, others = list_files(spark, cfg)
-        settings = read_task_settings(spark, images, 45, 45, others, 0)
+        images, _ = list_files(spark, cfg)
+        settings = read_task_settings(spark, images, 45, 45, [])
         with sql_conf(spark, settings):
             sizes = _spark_task_sizes(spark, str(tmp_path / "in"))
     assert len(sizes) % 2 == 0 and sum(sizes) == 45

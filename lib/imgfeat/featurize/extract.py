@@ -320,7 +320,14 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
 
     from imgfeat.engines import resolve_weights
     from imgfeat.featurize.settings import settings_json
-    from imgfeat.io.listing import broadcast_if_small, label_report, list_files, read_contents, read_task_settings
+    from imgfeat.io.listing import (
+        broadcast_if_small,
+        label_report,
+        list_files,
+        other_file_lengths,
+        read_contents,
+        read_task_settings,
+    )
     from imgfeat.session import sql_conf
     from imgfeat.store.tables import append_rows, drop_scratch, resolve_format
 
@@ -347,7 +354,8 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
     images = images.persist(StorageLevel.MEMORY_AND_DISK)
     labels = label_report(spark, cfg, images)  # the listed count too: one job
     n_listed = labels.pop("listed")
-    n_other = others.count()
+    other_lengths = other_file_lengths(others)  # counted (and sized, for the read tasks) while listing
+    n_other = len(other_lengths) if other_lengths is not None else others.count()
     for key, text in (("unlabelled", "listed images have no label"),
                       ("manifest_unmatched", "label-manifest rows match no listed image"),
                       ("ungrouped", "images match no group; each is its own group")):
@@ -370,7 +378,7 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
     if n_todo:
         log.info("featurizing %d of %d files with %s", n_todo, n_listed, backbone.name)
         contents = read_contents(spark, cfg, todo, n_todo, n_listed)
-        read_settings = read_task_settings(spark, todo, n_todo, n_listed, others, n_other)
+        read_settings = read_task_settings(spark, todo, n_todo, n_listed, other_lengths)
         # Per-file attributes ride along with the bytes (a broadcast join), so nothing is shuffled
         # and the UDF's output needs no join afterwards.
         attrs = broadcast_if_small(todo.drop(*FINGERPRINT), n_todo)

@@ -266,21 +266,28 @@ def read_contents(spark: SparkSession, cfg: Config, todo: DataFrame, n_todo: int
     return contents.join(broadcast_if_small(todo.select("path"), n_todo), on="path", how="left_semi")
 
 
-def read_task_settings(spark: SparkSession, todo: DataFrame, n_todo: int, n_listed: int, others: DataFrame,
-                       n_other: int | None = None) -> dict[str, str]:
+def other_file_lengths(others: DataFrame) -> list[int] | None:
+    """The lengths of the listed non-image files (None when there are more than read_tasks.MAX_FILES): taken while
+    listing, since a scan of them later would fail on a file deleted meanwhile."""
+    from imgfeat.io.read_tasks import MAX_FILES
+
+    rows = others.select("file_length").limit(MAX_FILES + 1).collect()
+    return None if len(rows) > MAX_FILES else [int(r["file_length"]) for r in rows]
+
+
+def read_task_settings(spark: SparkSession, todo: DataFrame, n_todo: int, n_listed: int,
+                       other_lengths: list[int] | None) -> dict[str, str]:
     """Settings (for ``session.sql_conf`` around the action) that give :func:`read_contents`' scan of ``todo`` read
-    tasks finishing together (:mod:`imgfeat.io.read_tasks`); empty where that scan also lists files already done."""
+    tasks finishing together (:mod:`imgfeat.io.read_tasks`); empty where that scan also lists files already done,
+    or other files whose lengths are unknown (``other_lengths`` None). ``todo`` must be persisted or materialised:
+    its lengths are collected again."""
     from imgfeat.io.read_tasks import balanced_read_settings
 
     if n_todo <= MAX_EXPLICIT_PATHS and n_todo < n_listed:
-        scanned = todo.select("file_length")  # the scan reads these paths
-    elif n_todo == n_listed:  # the whole folder
-        scanned = todo.select("file_length")
-        if n_other is None or n_other:
-            scanned = scanned.unionByName(others.select("file_length"))
-    else:
-        return {}
-    return balanced_read_settings(spark, scanned)
+        return balanced_read_settings(spark, todo)  # the scan reads these paths
+    if n_todo == n_listed and other_lengths is not None:  # the scan reads the whole folder
+        return balanced_read_settings(spark, todo, other_lengths)
+    return {}
 
 
 def broadcast_if_small(df: DataFrame, rows: int) -> DataFrame:

@@ -89,11 +89,12 @@ def balanced_split_bytes(lengths: list[int], max_partition_bytes: int, open_cost
     return best
 
 
-def balanced_read_settings(spark: SparkSession, scanned: DataFrame) -> dict[str, str]:
+def balanced_read_settings(spark: SparkSession, scanned: DataFrame, more_lengths: list[int] | None = None
+                           ) -> dict[str, str]:
     """SQL settings (for :func:`imgfeat.session.sql_conf` around the action) under which a binaryFile scan of the
-    files in ``scanned`` (a ``file_length`` column: every file the scan lists) gives read tasks that finish
-    together; empty when Spark's own split is as good, or the scan is large, or the session's settings are out of
-    reach (Spark Connect). An optimisation only: the tasks read the same files either way."""
+    files in ``scanned`` (a ``file_length`` column) and of files of ``more_lengths`` (every file the scan lists)
+    gives read tasks that finish together; empty when Spark's own split is as good, or the scan is large, or the
+    session's settings are out of reach (Spark Connect). An optimisation only: the tasks read the same files."""
     from pyspark.sql import functions as F
 
     try:
@@ -108,9 +109,9 @@ def balanced_read_settings(spark: SparkSession, scanned: DataFrame) -> dict[str,
         log.debug("read tasks not balanced (%s)", str(exc)[:120])
         return {}
     rows = scanned.select("file_length").filter(F.col("file_length") > 0).limit(MAX_FILES + 1).collect()
-    if len(rows) > MAX_FILES:
+    lengths = [int(r["file_length"]) for r in rows] + [n for n in more_lengths or [] if n > 0]
+    if len(lengths) > MAX_FILES:
         return {}
-    lengths = [int(r["file_length"]) for r in rows]
     split = balanced_split_bytes(lengths, max_partition_bytes, open_cost, slots, min_partitions)
     if split is None:
         return {}

@@ -181,7 +181,7 @@ def run_predict(spark: SparkSession, cfg: Config) -> PredictResult:
         replace_keys,
         unread_errors,
     )
-    from imgfeat.io.listing import broadcast_if_small, list_files, read_contents, read_task_settings
+    from imgfeat.io.listing import broadcast_if_small, list_files, other_file_lengths, read_contents, read_task_settings
     from imgfeat.session import sql_conf
     from imgfeat.store.tables import append_rows, drop_scratch, read_table, resolve_format
 
@@ -202,6 +202,7 @@ def run_predict(spark: SparkSession, cfg: Config) -> PredictResult:
     images, others = list_files(spark, cfg)
     images = images.persist(StorageLevel.MEMORY_AND_DISK)
     n_listed = images.count()
+    other_lengths = other_file_lengths(others)  # while listing: a later scan would fail on a file deleted since
     existing = existing_keys(spark, cfg, fmt, weights_id, model=uri)
     scratch = f"todo-{run_id}"
     todo, n_todo, replace, n_replaced = plan_work(spark, images, existing, cfg.output.mode, cfg.output.path, scratch,
@@ -215,7 +216,7 @@ def run_predict(spark: SparkSession, cfg: Config) -> PredictResult:
     counts: dict[str, int] = {}
     if n_todo:
         contents = read_contents(spark, cfg, todo, n_todo, n_listed)
-        read_settings = read_task_settings(spark, todo, n_todo, n_listed, others)
+        read_settings = read_task_settings(spark, todo, n_todo, n_listed, other_lengths)
         rows = featurize_contents(
             contents.select("path", "content", F.col("length").alias("file_length"),
                             F.col("modificationTime").alias("file_modification_time"))
