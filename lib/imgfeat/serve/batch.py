@@ -202,7 +202,6 @@ def run_predict(spark: SparkSession, cfg: Config) -> PredictResult:
     images, others = list_files(spark, cfg)
     images = images.persist(StorageLevel.MEMORY_AND_DISK)
     n_listed = images.count()
-    other_lengths = other_file_lengths(others)  # while listing: a later scan would fail on a file deleted since
     existing = existing_keys(spark, cfg, fmt, weights_id, model=uri)
     scratch = f"todo-{run_id}"
     todo, n_todo, replace, n_replaced = plan_work(spark, images, existing, cfg.output.mode, cfg.output.path, scratch,
@@ -215,6 +214,9 @@ def run_predict(spark: SparkSession, cfg: Config) -> PredictResult:
     predicted = failed = 0
     counts: dict[str, int] = {}
     if n_todo:
+        # Only a scan of the whole folder needs the other files' lengths; taken before the read starts, since a scan
+        # of them later would fail on a file deleted meanwhile.
+        other_lengths = other_file_lengths(others) if n_todo == n_listed else None
         contents = read_contents(spark, cfg, todo, n_todo, n_listed)
         read_settings = read_task_settings(spark, todo, n_todo, n_listed, other_lengths)
         rows = featurize_contents(
