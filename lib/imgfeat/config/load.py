@@ -97,6 +97,7 @@ def _validate(cfg: Config) -> None:
         (cfg.inference.batch_size >= 1, "inference.batch_size must be >= 1"),
         (cfg.inference.tf_threads >= 0, "inference.tf_threads must be >= 0 (0 = automatic)"),
         (cfg.inference.arrow_batch_rows >= 1, "inference.arrow_batch_rows must be >= 1"),
+        (cfg.inference.images_per_task >= 0, "inference.images_per_task must be >= 0 (0 = automatic)"),
         (cfg.inference.decode_threads >= 1, "inference.decode_threads must be >= 1"),
         (0.0 < cfg.input.split.test_fraction < 1.0, "input.split.test_fraction must be in (0, 1)"),
         (0.0 < cfg.train.test_fraction < 1.0, "train.test_fraction must be in (0, 1)"),

@@ -123,6 +123,9 @@ class InferenceConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     # Rows per Arrow batch handed to the UDF (images are large rows).
     arrow_batch_rows: int = 64
+    # Images per featurizing read task (0 = auto: 512 on CPUs, 8192 where tasks get GPUs): tasks of this size, in a
+    # multiple of the task slots, finishing together; each task pays a fixed set-up (docs/clusters.md).
+    images_per_task: int = 0
     # Decode images in this many threads inside each Python worker (Pillow releases the GIL).
     decode_threads: int = 1
     # Decode the next Arrow batch in a thread while the model runs on this one.

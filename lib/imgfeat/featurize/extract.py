@@ -378,7 +378,7 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
     if n_todo:
         log.info("featurizing %d of %d files with %s", n_todo, n_listed, backbone.name)
         contents = read_contents(spark, cfg, todo, n_todo, n_listed)
-        read_settings = read_task_settings(spark, todo, n_todo, n_listed, other_lengths)
+        read_settings = read_task_settings(spark, cfg, todo, n_todo, n_listed, other_lengths)
         # Per-file attributes ride along with the bytes (a broadcast join), so nothing is shuffled
         # and the UDF's output needs no join afterwards.
         attrs = broadcast_if_small(todo.drop(*FINGERPRINT), n_todo)

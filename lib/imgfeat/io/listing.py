@@ -275,18 +275,19 @@ def other_file_lengths(others: DataFrame) -> list[int] | None:
     return None if len(rows) > MAX_FILES else [int(r["file_length"]) for r in rows]
 
 
-def read_task_settings(spark: SparkSession, todo: DataFrame, n_todo: int, n_listed: int,
+def read_task_settings(spark: SparkSession, cfg: Config, todo: DataFrame, n_todo: int, n_listed: int,
                        other_lengths: list[int] | None) -> dict[str, str]:
     """Settings (for ``session.sql_conf`` around the action) that give :func:`read_contents`' scan of ``todo`` read
-    tasks finishing together (:mod:`imgfeat.io.read_tasks`); empty where that scan also lists files already done,
-    or other files whose lengths are unknown (``other_lengths`` None). ``todo`` must be persisted or materialised:
-    its lengths are collected again."""
-    from imgfeat.io.read_tasks import balanced_read_settings
+    tasks of ``inference.images_per_task`` images finishing together (:mod:`imgfeat.io.read_tasks`); empty where
+    that scan also lists files already done, or other files whose lengths are unknown (``other_lengths`` None).
+    ``todo`` must be persisted or materialised: its lengths are collected again."""
+    from imgfeat.io.read_tasks import images_per_task, read_settings
 
+    per_task = images_per_task(spark, cfg.inference)
     if n_todo <= MAX_EXPLICIT_PATHS and n_todo < n_listed:
-        return balanced_read_settings(spark, todo)  # the scan reads these paths
+        return read_settings(spark, todo, per_task)  # the scan reads these paths
     if n_todo == n_listed and other_lengths is not None:  # the scan reads the whole folder
-        return balanced_read_settings(spark, todo, other_lengths)
+        return read_settings(spark, todo, per_task, other_lengths)
     return {}
 
 

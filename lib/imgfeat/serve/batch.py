@@ -218,7 +218,7 @@ def run_predict(spark: SparkSession, cfg: Config) -> PredictResult:
         # of them later would fail on a file deleted meanwhile.
         other_lengths = other_file_lengths(others) if n_todo == n_listed else None
         contents = read_contents(spark, cfg, todo, n_todo, n_listed)
-        read_settings = read_task_settings(spark, todo, n_todo, n_listed, other_lengths)
+        read_settings = read_task_settings(spark, cfg, todo, n_todo, n_listed, other_lengths)
         rows = featurize_contents(
             contents.select("path", "content", F.col("length").alias("file_length"),
                             F.col("modificationTime").alias("file_modification_time"))
