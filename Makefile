@@ -11,7 +11,9 @@ export PYTHONPATH := $(abspath lib)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .PHONY: setup browser demo test test-unit test-integration lint bench dist clean
 
+# The local JVM's class-data archive (imgfeat.jvm_archive): built once per Java and pyspark (~50 s), then a no-op.
 setup: $(STAMP)
+	@$(PY) -m imgfeat.jvm_archive || echo "make setup: no JVM class archive (sessions start without it)"
 
 # The lock is a complete closure (pip freeze), installed without the resolver: it would stop at the one known
 # conflict between petastorm (setuptools<70) and torch's metadata (setuptools>=77), which torch needs only to

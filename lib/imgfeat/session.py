@@ -73,7 +73,11 @@ def get_spark(cfg: Config) -> SparkSession:
         # Arrow, Parquet), where the server compiler's compile time costs more than its faster code returns:
         # measured on 2 cores, ResNet50 on 2,000 images, JVM CPU 43-49 -> 26-28 s and the job 5 s shorter
         # (docs/benchmarks.md). A spark.conf of spark.driver.extraJavaOptions replaces it.
-        settings["spark.driver.extraJavaOptions"] = "-XX:TieredStopAtLevel=1"
+        # Spark's classes from a class-data archive when `make setup` built one (imgfeat.jvm_archive): the session
+        # 5.2-8.1 -> 2.9-3.6 s, its first job 2.2-3.2 -> 1.0-1.2 s.
+        from imgfeat.jvm_archive import java_options
+
+        settings["spark.driver.extraJavaOptions"] = f"-XX:TieredStopAtLevel=1 {java_options()}".strip()
     packages = ",".join([submitted.get("spark.jars.packages", ""), cfg.spark.conf.get("spark.jars.packages", "")])
     if "delta" in packages.lower() or os.environ.get("IMGFEAT_DELTA") == "1":
         settings["spark.sql.extensions"] = DELTA_EXTENSION
