@@ -170,4 +170,7 @@ def build(force: bool = False, timeout: float = 300.0) -> Path | None:
 
 
 if __name__ == "__main__":
-    build(force="--force" in sys.argv)
+    try:
+        build(force="--force" in sys.argv)
+    except (OSError, subprocess.SubprocessError) as exc:  # an unwritable cache, a JVM that hangs: start without it
+        print(f"[imgfeat] jvm archive: not built ({type(exc).__name__}: {exc}); sessions start without it")
