@@ -8,7 +8,8 @@ start from the archive before it is put in place). Sessions then use it when it 
 built at run time.
 
 A dynamic archive is only valid for the JVM and class path it was made with. The file name carries a key of the Java
-binary and of pyspark's version and jars, so another Java or pyspark looks for its own archive (and a JVM that
+binary and of pyspark's version, jars and their folder, so another Java, pyspark or environment looks for its own
+archive (and a JVM that
 still finds a mismatch ignores the archive, silently, at normal speed). A truncated archive would crash the JVM
 (SIGBUS when it maps the missing part), so an archive is written under a temporary name, validated, recorded with
 its size beside it, and used only while its size matches. ``IMGFEAT_JVM_ARCHIVE=0`` turns it off.
@@ -80,7 +81,8 @@ def archive_path() -> Path | None:
     jars = Path(pyspark.__file__).parent / "jars"
     key = hashlib.sha256()
     stat = os.stat(java)
-    key.update(f"{java}|{stat.st_size}|{stat.st_mtime_ns}|{pyspark.__version__}|{sys.version_info[:2]}".encode())
+    # The jars' folder too: the archive records the class path, so each environment (venv) needs its own.
+    key.update(f"{java}|{stat.st_size}|{stat.st_mtime_ns}|{pyspark.__version__}|{jars.resolve()}".encode())
     for jar in sorted(jars.glob("*.jar")) if jars.is_dir() else []:
         key.update(f"|{jar.name}:{jar.stat().st_size}".encode())
     return _cache_dir() / f"spark-{pyspark.__version__}-{key.hexdigest()[:16]}.jsa"
