@@ -10,7 +10,7 @@ PACKAGE = os.path.join(ROOT, "lib", "imgfeat")
 
 # Sub-packages (and top-level modules) in the order data walks through them: each may import only
 # those before it. The doors (cli, demo, bench) come last and may import anything.
-LAYERS = ["config", "session", "standalone", "store", "io", "backbones", "engines", "featurize", "compat", "scoring", "train",
+LAYERS = ["config", "jvm_archive", "session", "standalone", "store", "io", "backbones", "engines", "featurize", "compat", "scoring", "train",
           "finetune", "serve", "bench", "demo", "cli"]
 
 
