@@ -2,15 +2,14 @@
 instead of loaded, verified and linked from its jars at every start.
 
 Measured on 2 cores (docs/benchmarks.md): a local session 5.2-8.1 -> 2.9-3.6 s, its first job 2.2-3.2 -> 1.0-1.2 s,
-JVM CPU to that point 8.0-10.8 -> 4.1-5.0 s. ``make setup`` builds it (``python -m imgfeat.jvm_archive``, ~40 s
+JVM CPU to that point 8.0-10.8 -> 4.1-5.0 s. ``make setup`` builds it (``python -m imgfeat.jvm_archive``, ~50 s
 once: a JVM that runs a small Spark workload and writes the classes it loaded at exit, then a second JVM that must
 start from the archive before it is put in place). Sessions then use it when it is there and whole; nothing is
 built at run time.
 
 A dynamic archive is only valid for the JVM and class path it was made with. The file name carries a key of the Java
 binary and of pyspark's version, jars and their folder, so another Java, pyspark or environment looks for its own
-archive (and a JVM that
-still finds a mismatch ignores the archive, silently, at normal speed). A truncated archive would crash the JVM
+archive (and a JVM that still finds a mismatch ignores the archive, silently, at normal speed). A truncated archive would crash the JVM
 (SIGBUS when it maps the missing part), so an archive is written under a temporary name, validated, recorded with
 its size beside it, and used only while its size matches. ``IMGFEAT_JVM_ARCHIVE=0`` turns it off.
 """
@@ -24,11 +23,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 DISABLE_ENV = "IMGFEAT_JVM_ARCHIVE"
-QUIET = "-Xshare:auto -Xlog:cds=off -Xlog:cds+dynamic=off"
+LOGS_OFF = "-Xlog:cds=off -Xlog:cds+dynamic=off"  # CDS warns about every class it cannot archive
 
 # The workload whose classes the archive holds: what a local extract's JVM loads (session, binaryFile listing,
 # aggregation, a pandas UDF over Arrow, a Parquet write and read).
@@ -105,7 +103,7 @@ def java_options() -> str:
     size = _recorded_size(archive)
     if size is None or size != archive.stat().st_size:
         return ""
-    return f"-XX:SharedArchiveFile={archive} {QUIET}"
+    return f"-XX:SharedArchiveFile={archive} -Xshare:auto {LOGS_OFF}"
 
 
 def _run_workload(options: str, timeout: float) -> tuple[int, int | None, str]:
@@ -119,21 +117,17 @@ def _run_workload(options: str, timeout: float) -> tuple[int, int | None, str]:
 
 def _wait_gone(pid: int | None, timeout: float) -> bool:
     """Wait for the JVM, which writes the archive as it exits after its Python driver."""
+    import psutil
+
     if pid is None:
         return True
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not os.path.exists(f"/proc/{pid}"):
-            return True
-        try:
-            import psutil
-
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except Exception:
-            pass
-        time.sleep(0.2)
-    return False
+    try:
+        psutil.Process(pid).wait(timeout)
+    except psutil.NoSuchProcess:
+        pass
+    except psutil.TimeoutExpired:
+        return False
+    return True
 
 
 def build(force: bool = False, timeout: float = 300.0) -> Path | None:
@@ -150,14 +144,14 @@ def build(force: bool = False, timeout: float = 300.0) -> Path | None:
     tmp = archive.with_name(f"{archive.stem}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)
     base = "-XX:TieredStopAtLevel=1"
-    rc, pid, err = _run_workload(f"{base} -XX:ArchiveClassesAtExit={tmp} -Xlog:cds=off -Xlog:cds+dynamic=off", timeout)
+    rc, pid, err = _run_workload(f"{base} -XX:ArchiveClassesAtExit={tmp} {LOGS_OFF}", timeout)
     if rc != 0 or not _wait_gone(pid, timeout) or not tmp.is_file():
         tmp.unlink(missing_ok=True)
         print(f"[imgfeat] jvm archive: not built (rc={rc}): {err.strip().splitlines()[-1:] or ''}; sessions start "
               "without it")
         return None
     # -Xshare:on: a JVM that cannot map the archive refuses to start, so only a usable archive is installed.
-    rc, pid, err = _run_workload(f"{base} -XX:SharedArchiveFile={tmp} -Xshare:on -Xlog:cds=off -Xlog:cds+dynamic=off",
+    rc, pid, err = _run_workload(f"{base} -XX:SharedArchiveFile={tmp} -Xshare:on {LOGS_OFF}",
                                  timeout)
     _wait_gone(pid, 30)
     if rc != 0:
