@@ -112,3 +112,25 @@ def test_tasks_are_sized_for_gpus_where_tasks_get_gpus():
     assert images_per_task(plain, InferenceConfig(device="gpu")) == GPU_IMAGES_PER_TASK
     assert images_per_task(gpus, InferenceConfig(device="cpu")) == CPU_IMAGES_PER_TASK
     assert images_per_task(gpus, InferenceConfig(images_per_task=100)) == 100
+
+
+def test_the_other_files_lengths_take_one_job(spark, tmp_path):
+    """A limit would scan one partition and then more in further jobs; the listing's other files are read in one."""
+    from pyspark.sql import functions as F
+
+    from imgfeat.io.listing import other_file_lengths
+    from imgfeat.session import sql_conf
+
+    for i in range(40):
+        (tmp_path / f"note{i}.txt").write_bytes(b"x" * (i + 1))
+    others = spark.read.format("binaryFile").load(str(tmp_path)).select(F.col("length").alias("file_length"))
+    sc = spark.sparkContext
+    sc.setJobGroup("other-lengths", "test")
+    try:  # tiny read tasks: the scan has many partitions
+        with sql_conf(spark, {"spark.sql.files.maxPartitionBytes": "64", "spark.sql.files.openCostInBytes": "1"}):
+            assert others.rdd.getNumPartitions() > 4
+            lengths = other_file_lengths(others)
+    finally:
+        sc.setJobGroup("", "")
+    assert sorted(lengths) == list(range(1, 41))
+    assert len(sc.statusTracker().getJobIdsForGroup("other-lengths")) == 1

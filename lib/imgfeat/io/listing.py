@@ -270,8 +270,12 @@ def other_file_lengths(others: DataFrame) -> list[int] | None:
     """The lengths of the listed non-image files (None when there are more than read_tasks.MAX_FILES): taken while
     listing, since a scan of them later would fail on a file deleted meanwhile."""
     from imgfeat.io.read_tasks import MAX_FILES
+    from imgfeat.session import sql_conf
 
-    rows = others.select("file_length").limit(MAX_FILES + 1).collect()
+    # A limit scans one partition, then more in jobs of growing size (4 more jobs for 5,216 listed files, most
+    # folders holding no other file at all): here every partition in one job.
+    with sql_conf(others.sparkSession, {"spark.sql.limit.initialNumPartitions": str(2**31 - 1)}):
+        rows = others.select("file_length").limit(MAX_FILES + 1).collect()
     return None if len(rows) > MAX_FILES else [int(r["file_length"]) for r in rows]
 
 
