@@ -343,24 +343,3 @@ def test_a_worker_freezes_what_it_holds_once_its_model_is_built():
     finally:
         gc.unfreeze()
 
-
-def test_the_warm_up_starts_the_predictors_first_call_in_a_thread_on_one_blank_image():
-    """The first call (the graph trace) runs in the warm-up's background, not in the first featurizing task, and a
-    failing first call is left to the real one."""
-    import threading
-
-    from imgfeat.featurize import udf
-
-    backbone = get_backbone("tiny")
-    spec = udf.FeaturizeSpec(backbone=backbone, weights=resolve_weights(backbone, "none"),
-                             decode=DecodeOptions(size=40))
-    calls, done = [], threading.Event()
-
-    def predict(batch):
-        calls.append((batch.shape, batch.dtype, threading.current_thread().name))
-        done.set()
-        raise RuntimeError("left to the real first call")
-
-    udf._first_call_in_background(predict, spec)
-    assert done.wait(30)
-    assert calls == [((1, 40, 40, 3), np.dtype(np.uint8), "imgfeat-first-call")]

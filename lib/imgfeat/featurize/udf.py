@@ -9,7 +9,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -279,7 +278,6 @@ def _injected_fault() -> None:
 
 
 _FROZEN: set[int] = set()
-_FIRST_CALLED: set[int] = set()  # predictors whose first call a warm-up started
 
 
 def _predictor(spec: FeaturizeSpec, weights_broadcast: Any) -> Callable[[np.ndarray], np.ndarray]:
@@ -332,30 +330,11 @@ def featurize_udf(
     return F.pandas_udf(featurize, RESULT_DDL).asNondeterministic()  # type: ignore[call-overload]
 
 
-def _first_call_in_background(predict: Callable[[np.ndarray], np.ndarray], spec: FeaturizeSpec) -> None:
-    """The predictor's first call (the graph trace, or the runtime's first-use set-up: 1.2-1.6 s for ResNet50 on one
-    core here) on one blank image, in a thread of this worker, so that it runs while the driver lists and plans
-    instead of in the first featurizing task. A task that calls the predictor meanwhile waits for the trace
-    (tf.function traces under a lock). Only an optimisation: a failure here is left to the real first call."""
-    size = spec.decode.size
-
-    def run() -> None:
-        try:
-            predict(np.zeros((1, size, size, 3), dtype=np.uint8))
-        except Exception:  # the real first call raises it, with the task's context
-            pass
-
-    threading.Thread(target=run, name="imgfeat-first-call", daemon=True).start()
-
-
 def warmup_workers(spark: Any, spec: FeaturizeSpec, weights_broadcast: Any, slots: int) -> None:
-    """Run one tiny task per slot that builds the model in its (reused) Python worker and starts its first call."""
+    """Run one tiny task per slot that builds the model in its (reused) Python worker."""
 
     def warm(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        predict = _predictor(spec, weights_broadcast)
-        if id(predict) not in _FIRST_CALLED:
-            _FIRST_CALLED.add(id(predict))
-            _first_call_in_background(predict, spec)
+        _predictor(spec, weights_broadcast)
         yield from batches
 
     spark.sparkContext.setJobDescription("imgfeat: build the model in every Python worker")
