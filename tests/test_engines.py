@@ -342,4 +342,3 @@ def test_a_worker_freezes_what_it_holds_once_its_model_is_built():
         assert gc.get_freeze_count() == frozen  # once per model, not per task
     finally:
         gc.unfreeze()
-
