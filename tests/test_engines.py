@@ -322,7 +322,7 @@ def test_the_keras_engine_imports_keras_without_its_optional_sklearn_and_matplot
     assert out.stdout.splitlines()[-2:] == ["(2, 16) []", "later imports work"]
 
 
-def test_a_worker_freezes_what_it_holds_once_its_model_is_built():
+def test_a_worker_freezes_what_it_holds_once_its_model_is_built(monkeypatch):
     """Spark runs gc.collect() in a reused Python worker after every task: with the model and the framework frozen,
     that walks only the task's own objects."""
     import gc
@@ -338,7 +338,9 @@ def test_a_worker_freezes_what_it_holds_once_its_model_is_built():
         predict = udf._predictor(spec, None)
         frozen = gc.get_freeze_count()
         assert frozen > 10_000  # TensorFlow, Keras and the model
+        calls = []
+        monkeypatch.setattr(udf.gc, "freeze", lambda: calls.append(1))
         assert udf._predictor(spec, None) is predict
-        assert gc.get_freeze_count() == frozen  # once per model, not per task
+        assert calls == []  # once per model, not per task (the count itself may drop as frozen objects die)
     finally:
         gc.unfreeze()

@@ -20,10 +20,10 @@ def store(tmp_path_factory):
     return "sqlite:///" + str(tmp_path_factory.mktemp("ft-mlflow") / "mlflow.db")
 
 
-def _cfg(images, out, store, *sets):
+def _cfg(images, out, store, *sets, root=None):
     from imgfeat.config import load_config
 
-    return load_config(overrides={"input.path": images.root, "finetune.output": str(out), "model.name": "tiny_torch",
+    return load_config(overrides={"input.path": str(root or images.root), "finetune.output": str(out), "model.name": "tiny_torch",
                                   "model.weights": "none", "input.split.mode": "hash", "mlflow.tracking_uri": store,
                                   "mlflow.experiment": "finetune-tests"},
                        sets=["finetune.epochs=3", "finetune.batch_size=8", "finetune.train_layers=all",
@@ -72,6 +72,26 @@ def test_a_bad_image_lands_in_the_errors_table_and_training_goes_on(finetuned, i
     assert errors == expected
     n_rows = spark.read.parquet(result.table["path"]).count()
     assert n_rows == images.valid  # every good image decoded once, into train, val or test
+
+
+def test_the_decoded_table_is_laid_out_the_same_wherever_the_folder_lies(finetuned, images, spark, tmp_path):
+    """Files and row groups follow the images' relative paths, not the folder's location or Spark's read order, so
+    the seeded epoch order (and with it the weights) is the same for a moved copy of the data."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from imgfeat.finetune.data import build_decoded_table, table_files
+
+    result, out = finetuned
+    moved = shutil.copytree(images.root, tmp_path / "elsewhere" / "data")
+    table = build_decoded_table(spark, _cfg(images, tmp_path / "run", "sqlite://", root=moved),
+                                result.table["size"], "file://" + str(tmp_path / "decoded"))
+
+    def layout(path):
+        return [pq.read_table(f, columns=["rel_path", "split"]).to_pylist() for f in table_files(path)]
+
+    assert layout(table.path.removeprefix("file:")) == layout(result.table["path"])
 
 
 def test_same_seed_same_weights_and_a_killed_run_resumes_to_them(spark, images, store, finetuned, tmp_path, monkeypatch):

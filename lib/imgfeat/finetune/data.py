@@ -87,7 +87,10 @@ def build_decoded_table(spark: SparkSession, cfg: Config, size: int, path: str) 
     good = good.select("path", "rel_path", "label", "group_id", "image_id", F.col("z.image").alias("image"),
                        F.col("z.slice_index").alias("slice_index"), _with_validation(cfg).alias("split"))
     rows_per_group = max(1, cfg.finetune.row_group_images)
-    (good.repartition(max(1, n // (4 * rows_per_group) + 1)).write.mode("overwrite")
+    # Placed and ordered by image id (a hash of the relative path), so the same images give the same files and row
+    # groups wherever the folder lies and however Spark read it: with the seeded epoch order, the same weights.
+    parts = max(1, n // (4 * rows_per_group) + 1)
+    (good.repartition(parts, "image_id").sortWithinPartitions("image_id", "slice_index").write.mode("overwrite")
      .option("parquet.block.size", rows_per_group * size * size * 3).parquet(path))
     failed = decoded.filter(F.col("d.error_class").isNotNull()).select(
         "path", "rel_path", "label", F.col("d.error_class").alias("error_class"), F.col("d.error_message").alias("error_message"))
