@@ -15,6 +15,7 @@ def _run(args, **kw):
     return subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600, **kw)
 
 
+@pytest.mark.integration  # starts job processes of its own (~35-50 s)
 def test_job_script_runs_end_to_end_and_second_run_adds_nothing(samples, tmp_path):
     out, js = str(tmp_path / "feats"), str(tmp_path / "result.json")
     args = [sys.executable, "jobs/extract_features.py", "--input", samples.root, "--output", out,

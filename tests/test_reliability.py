@@ -188,6 +188,7 @@ def test_leftover_temporary_of_a_killed_append_is_never_committed(spark, folder,
     assert {"file:" + p for p in added} <= set(feats["path"])
 
 
+@pytest.mark.integration  # starts job processes of its own (~35-50 s)
 def test_task_retries_give_the_same_output_as_a_clean_run(spark, folder, tmp_path):
     clean = tiny_config(folder.root, str(tmp_path / "clean"))
     run_extract(spark, clean)
@@ -218,6 +219,7 @@ def _wait_for(predicate, what: str, proc: subprocess.Popen, limit: float = 300.0
         time.sleep(0.2)
 
 
+@pytest.mark.integration  # starts job processes of its own (~35-50 s)
 def test_killed_job_leaves_previous_table_unchanged_and_rerun_completes(spark, folder, tmp_path):
     cfg = tiny_config(folder.root, str(tmp_path / "feats"))
     first = run_extract(spark, cfg)

@@ -491,6 +491,7 @@ def test_predict_processes_only_added_and_changed_files(spark, samples, image_ru
     assert third.processed == 0 and _run_ids(spark, cfg.output.path) == after
 
 
+@pytest.mark.integration  # starts job processes of its own (~35-50 s)
 def test_killed_predict_leaves_previous_table_unchanged_and_rerun_completes(spark, samples, image_run, store, tmp_path):
     import glob
     import shutil
