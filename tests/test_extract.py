@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 
@@ -161,6 +162,39 @@ def test_a_manifest_alone_labels_the_images_and_unmatched_rows_and_files_are_cou
 
     with pytest.raises(ConfigError, match="input.label.manifest is given but input.label.mode=folder"):
         tiny_config(samples.root, str(tmp_path / "f2"), f"input.label.manifest={manifest}", "input.label.mode=folder")
+
+
+def test_feature_columns_are_written_without_a_dictionary(spark, tmp_path):
+    """Feature vectors and bytes never repeat, so Parquet's dictionary attempt is wasted work: off for float-array
+    and binary columns, on for the rest, in a plain append and in a rewrite that replaces rows."""
+    import pyarrow.parquet as pq
+    from pyspark.sql import functions as F
+
+    from imgfeat.store.tables import append_rows
+
+    def rows(n):  # repeated values, which a dictionary would encode
+        return spark.range(n).select(F.concat(F.lit("p"), F.col("id").cast("string")).alias("path"),
+                                     F.lit("m").alias("model"), F.lit("w").alias("weights_id"),
+                                     F.array_repeat(F.lit(0.5).cast("float"), 64).alias("features"),
+                                     F.lit(b"\x00\x01").alias("features_f16")).coalesce(1)
+
+    def encodings(location):
+        out = {}
+        for f in glob.glob(os.path.join(location, "*.parquet")):
+            md = pq.ParquetFile(f).metadata.row_group(0)
+            for i in range(md.num_columns):
+                out.setdefault(md.column(i).path_in_schema, set()).update(md.column(i).encodings)
+        return out
+
+    location = str(tmp_path / "t")
+    append_rows(spark, rows(50), location, "parquet")
+    replace = rows(3).select("path", "model", "weights_id")  # the rows appended again below: replaced, not doubled
+    for step in ("append", "replace"):
+        enc = encodings(location)
+        assert not any("DICTIONARY" in e for e in enc["features.list.element"] | enc["features_f16"]), (step, enc)
+        assert any("DICTIONARY" in e for e in enc["model"]), (step, enc)
+        append_rows(spark, rows(3), location, "parquet", replace=replace)
+    assert spark.read.parquet(location).count() == 50
 
 
 def test_delta_without_delta_fails_clearly(spark, samples, tmp_path):

@@ -65,6 +65,7 @@ def build_decoded_table(spark: SparkSession, cfg: Config, size: int, path: str) 
 
     from imgfeat.featurize.extract import decode_options, unread_errors
     from imgfeat.io.listing import list_files, read_contents
+    from imgfeat.store.tables import parquet_write_options
 
     decode = decode_options(cfg, size)
     images, _ = list_files(spark, cfg)
@@ -90,7 +91,8 @@ def build_decoded_table(spark: SparkSession, cfg: Config, size: int, path: str) 
     # Placed and ordered by image id (a hash of the relative path), so the same images give the same files and row
     # groups wherever the folder lies and however Spark read it: with the seeded epoch order, the same weights.
     parts = max(1, n // (4 * rows_per_group) + 1)
-    (good.repartition(parts, "image_id").sortWithinPartitions("image_id", "slice_index").write.mode("overwrite")
+    laid_out = good.repartition(parts, "image_id").sortWithinPartitions("image_id", "slice_index")
+    (laid_out.write.mode("overwrite").options(**parquet_write_options(laid_out.schema))
      .option("parquet.block.size", rows_per_group * size * size * 3).parquet(path))
     failed = decoded.filter(F.col("d.error_class").isNotNull()).select(
         "path", "rel_path", "label", F.col("d.error_class").alias("error_class"), F.col("d.error_message").alias("error_message"))
