@@ -40,3 +40,20 @@ def test_the_extension_filter_does_not_use_lower(spark, folder):
     images, _, _ = _listed(spark, folder)
     plan = images._jdf.queryExecution().optimizedPlan().toString().lower()
     assert "rlike" in plan and "lower(" not in plan
+
+
+def test_zero_byte_files_are_listed_from_the_file_index_without_python(spark, tmp_path):
+    """Spark's scans skip zero-byte files, so the listing adds them from the file index: in the JVM, as a local
+    relation (a list round-tripped through Python would start a Python daemon and copy every path)."""
+    from imgfeat.io.listing import _input_files
+
+    (tmp_path / "NORMAL").mkdir()
+    (tmp_path / "NORMAL" / "empty one.jpeg").write_bytes(b"")
+    (tmp_path / "NORMAL" / "full+1.jpeg").write_bytes(b"bytes")
+    images, names, _ = _listed(spark, tmp_path)
+    assert names == ["empty one.jpeg", "full+1.jpeg"]
+    assert {r["path"].rsplit("/", 1)[-1]: r["file_length"] for r in images.collect()} == {
+        "empty one.jpeg": 0, "full+1.jpeg": 5}
+    index = _input_files(spark, spark.read.format("binaryFile").load(str(tmp_path / "NORMAL")))
+    plan = index._jdf.queryExecution().executedPlan().toString()
+    assert "LocalTableScan" in plan and "ExistingRDD" not in plan and "Python" not in plan

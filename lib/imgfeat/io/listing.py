@@ -110,20 +110,34 @@ def list_files(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFrame]:
 
 
 def _input_files(spark: SparkSession, raw: DataFrame) -> DataFrame:
-    """Every file Spark's index listed (zero-byte ones included) as a one-column DataFrame."""
+    """Every file Spark's index listed (zero-byte ones included) as a one-column DataFrame.
+
+    On a classic session the list stays in the JVM: the paths are never copied into the Python driver (millions
+    of strings), and the DataFrame is a local relation, not a Python RDD (whose first task would start another
+    Python daemon: 0.7 s of the listing here). Spark Connect has no JVM handle and goes through Python.
+    """
     from pyspark.sql import DataFrame as PyDataFrame
     from pyspark.sql import functions as F
 
-    try:
-        jvm = spark.sparkContext._jvm  # type: ignore[union-attr]
-        files = raw._jdf.inputFiles()  # stays in the JVM: no round trip of millions of strings
-        jds = spark._jsparkSession.createDataset(jvm.java.util.Arrays.asList(files), jvm.org.apache.spark.sql.Encoders.STRING())
-        files_df = PyDataFrame(jds.toDF("path"), spark)
-    except Exception:  # Spark Connect: no JVM handle
+    jvm = _jvm(spark)
+    if jvm is not None:
+        # Scala's ArraySeq wraps the Java array without copying it (py4j cannot call varargs such as Arrays.asList).
+        paths = jvm.scala.collection.immutable.ArraySeq.unsafeWrapArray(raw._jdf.inputFiles())
+        jds = spark._jsparkSession.createDataset(paths, jvm.org.apache.spark.sql.Encoders.STRING())
+        files_df = PyDataFrame(jds.toDF(), spark).withColumnRenamed("value", "path")
+    else:
         files_df = spark.createDataFrame([(p,) for p in raw.inputFiles()], "path string")
     # The index gives URIs (file:///a%20b.jpg); scans give decoded paths (file:/a b.jpg).
     decoded = F.url_decode(F.regexp_replace(F.col("path"), r"\+", "%2B"))
     return files_df.select(F.regexp_replace(decoded, "^file:///", "file:/").alias("path"))
+
+
+def _jvm(spark: SparkSession):
+    """The session's py4j JVM view, or None on Spark Connect (no JVM handle)."""
+    try:
+        return spark.sparkContext._jvm  # type: ignore[union-attr]
+    except Exception:
+        return None
 
 
 def _folder_at(level: int):
