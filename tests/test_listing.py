@@ -57,3 +57,18 @@ def test_zero_byte_files_are_listed_from_the_file_index_without_python(spark, tm
     index = _input_files(spark, spark.read.format("binaryFile").load(str(tmp_path / "NORMAL")))
     plan = index._jdf.queryExecution().executedPlan().toString()
     assert "LocalTableScan" in plan and "ExistingRDD" not in plan and "Python" not in plan
+
+
+def test_the_file_index_falls_back_to_python_with_a_warning_where_the_jvm_path_fails(spark, tmp_path, monkeypatch,
+                                                                                     caplog):
+    import imgfeat.io.listing as listing
+
+    def no_scala(jvm, array):
+        raise RuntimeError("no such Scala class")
+
+    monkeypatch.setattr(listing, "_scala_seq", no_scala)
+    (tmp_path / "a.jpeg").write_bytes(b"")
+    with caplog.at_level("WARNING", logger="imgfeat.io.listing"):
+        index = listing._input_files(spark, spark.read.format("binaryFile").load(str(tmp_path)))
+        assert [r["path"].rsplit("/", 1)[-1] for r in index.collect()] == ["a.jpeg"]
+    assert "copying its paths through Python instead" in caplog.text and "no such Scala class" in caplog.text

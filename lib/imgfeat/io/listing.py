@@ -114,22 +114,34 @@ def _input_files(spark: SparkSession, raw: DataFrame) -> DataFrame:
 
     On a classic session the list stays in the JVM: the paths are never copied into the Python driver (millions
     of strings), and the DataFrame is a local relation, not a Python RDD (whose first task would start another
-    Python daemon: 0.7 s of the listing here). Spark Connect has no JVM handle and goes through Python.
+    Python daemon: 0.9 s of the label report here). Spark Connect has no JVM handle and goes through Python.
     """
     from pyspark.sql import DataFrame as PyDataFrame
     from pyspark.sql import functions as F
 
     jvm = _jvm(spark)
+    files_df = None
     if jvm is not None:
-        # Scala's ArraySeq wraps the Java array without copying it (py4j cannot call varargs such as Arrays.asList).
-        paths = jvm.scala.collection.immutable.ArraySeq.unsafeWrapArray(raw._jdf.inputFiles())
-        jds = spark._jsparkSession.createDataset(paths, jvm.org.apache.spark.sql.Encoders.STRING())
-        files_df = PyDataFrame(jds.toDF(), spark).withColumnRenamed("value", "path")
-    else:
+        try:
+            paths = _scala_seq(jvm, raw._jdf.inputFiles())
+            jds = spark._jsparkSession.createDataset(paths, jvm.org.apache.spark.sql.Encoders.STRING())
+            files_df = PyDataFrame(jds.toDF(), spark).withColumnRenamed("value", "path")
+        except Exception as exc:  # an unknown Scala or Spark version: correct, only slower
+            log.warning("listing the file index in the JVM failed (%s); copying its paths through Python instead",
+                        str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+    if files_df is None:
         files_df = spark.createDataFrame([(p,) for p in raw.inputFiles()], "path string")
     # The index gives URIs (file:///a%20b.jpg); scans give decoded paths (file:/a b.jpg).
     decoded = F.url_decode(F.regexp_replace(F.col("path"), r"\+", "%2B"))
     return files_df.select(F.regexp_replace(decoded, "^file:///", "file:/").alias("path"))
+
+
+def _scala_seq(jvm, array):
+    """A Scala Seq wrapping a Java array without copying it (py4j cannot call varargs such as Arrays.asList)."""
+    try:
+        return jvm.scala.collection.immutable.ArraySeq.unsafeWrapArray(array)  # Scala 2.13 (Spark 4)
+    except Exception:
+        return jvm.scala.collection.mutable.WrappedArray.make(array)  # Scala 2.12 (Spark 3.5, Databricks 15.4)
 
 
 def _jvm(spark: SparkSession):
