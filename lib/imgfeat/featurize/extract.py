@@ -324,6 +324,7 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
         broadcast_if_small,
         label_report,
         list_files,
+        listing_settings,
         other_file_lengths,
         read_contents,
         read_task_settings,
@@ -352,10 +353,11 @@ def run_extract(spark: SparkSession, cfg: Config) -> ExtractResult:
     sc.setJobDescription("imgfeat extract: listing")
     images, others = list_files(spark, cfg)
     images = images.persist(StorageLevel.MEMORY_AND_DISK)
-    labels = label_report(spark, cfg, images)  # the listed count too: one job
+    with sql_conf(spark, listing_settings(spark)):  # the scans that list, in one task per core
+        labels = label_report(spark, cfg, images)  # the listed count too: one job
+        other_lengths = other_file_lengths(others)  # counted (and sized, for the read tasks) while listing
+        n_other = len(other_lengths) if other_lengths is not None else others.count()
     n_listed = labels.pop("listed")
-    other_lengths = other_file_lengths(others)  # counted (and sized, for the read tasks) while listing
-    n_other = len(other_lengths) if other_lengths is not None else others.count()
     for key, text in (("unlabelled", "listed images have no label"),
                       ("manifest_unmatched", "label-manifest rows match no listed image"),
                       ("ungrouped", "images match no group; each is its own group")):

@@ -64,13 +64,15 @@ def build_decoded_table(spark: SparkSession, cfg: Config, size: int, path: str) 
     from pyspark.sql import functions as F
 
     from imgfeat.featurize.extract import decode_options, unread_errors
-    from imgfeat.io.listing import list_files, read_contents
+    from imgfeat.io.listing import list_files, listing_settings, read_contents
+    from imgfeat.session import sql_conf
     from imgfeat.store.tables import parquet_write_options
 
     decode = decode_options(cfg, size)
     images, _ = list_files(spark, cfg)
     images = images.persist(StorageLevel.MEMORY_AND_DISK)
-    n = images.count()
+    with sql_conf(spark, listing_settings(spark)):  # the scans that list, in one task per core
+        n = images.count()
     if not n:
         raise ValueError(f"no images under {cfg.input.path}")
 

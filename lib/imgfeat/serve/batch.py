@@ -181,7 +181,14 @@ def run_predict(spark: SparkSession, cfg: Config) -> PredictResult:
         replace_keys,
         unread_errors,
     )
-    from imgfeat.io.listing import broadcast_if_small, list_files, other_file_lengths, read_contents, read_task_settings
+    from imgfeat.io.listing import (
+        broadcast_if_small,
+        list_files,
+        listing_settings,
+        other_file_lengths,
+        read_contents,
+        read_task_settings,
+    )
     from imgfeat.session import sql_conf
     from imgfeat.store.tables import append_rows, drop_scratch, read_table, resolve_format
 
@@ -201,7 +208,8 @@ def run_predict(spark: SparkSession, cfg: Config) -> PredictResult:
 
     images, others = list_files(spark, cfg)
     images = images.persist(StorageLevel.MEMORY_AND_DISK)
-    n_listed = images.count()
+    with sql_conf(spark, listing_settings(spark)):  # the scans that list, in one task per core
+        n_listed = images.count()
     existing = existing_keys(spark, cfg, fmt, weights_id, model=uri)
     scratch = f"todo-{run_id}"
     todo, n_todo, replace, n_replaced = plan_work(spark, images, existing, cfg.output.mode, cfg.output.path, scratch,
@@ -216,7 +224,8 @@ def run_predict(spark: SparkSession, cfg: Config) -> PredictResult:
     if n_todo:
         # Only a scan of the whole folder needs the other files' lengths; taken before the read starts, since a scan
         # of them later would fail on a file deleted meanwhile.
-        other_lengths = other_file_lengths(others) if n_todo == n_listed else None
+        with sql_conf(spark, listing_settings(spark)):
+            other_lengths = other_file_lengths(others) if n_todo == n_listed else None
         contents = read_contents(spark, cfg, todo, n_todo, n_listed)
         read_settings = read_task_settings(spark, cfg, todo, n_todo, n_listed, other_lengths)
         rows = featurize_contents(
