@@ -78,11 +78,12 @@ def test_listing_scans_take_one_task_per_core_not_spark_s_packing_by_bytes(spark
     """Listing reads no contents, but Spark packs its scans as if it did (each file at least openCostInBytes): at a
     cluster's 4 MB open cost and 8 MB tasks, 40 files would be 20 listing tasks; under ``listing_settings``, one per
     core, with the same rows."""
+    from imgfeat.config import load_config
     from imgfeat.io.listing import label_report, listing_settings
     from imgfeat.session import sql_conf
 
+    (tmp_path / "NORMAL").mkdir()
     for i in range(40):
-        (tmp_path / "NORMAL").mkdir(exist_ok=True)
         (tmp_path / "NORMAL" / f"{i:02d}.jpeg").write_bytes(b"x" * 100)
     cores = spark.sparkContext.defaultParallelism
     with sql_conf(spark, {"spark.sql.files.openCostInBytes": str(4 << 20),
@@ -95,7 +96,8 @@ def test_listing_scans_take_one_task_per_core_not_spark_s_packing_by_bytes(spark
         with sql_conf(spark, settings):
             images, listed, _ = _listed(spark, tmp_path)
             assert images.rdd.getNumPartitions() <= many - 20 + cores  # the scan's 20 tasks -> one per core
-            assert label_report(spark, load_config_for(tmp_path), images)["listed"] == 40
+            cfg = load_config(overrides={"input.path": str(tmp_path)})
+            assert label_report(spark, cfg, images)["listed"] == 40
     assert listed == names and len(names) == 40
 
 
@@ -106,9 +108,3 @@ def test_listing_settings_are_left_to_spark_where_its_conf_is_out_of_reach():
         pass
 
     assert listing_settings(ConnectSession()) == {}
-
-
-def load_config_for(folder):
-    from imgfeat.config import load_config
-
-    return load_config(overrides={"input.path": str(folder)})
