@@ -140,13 +140,17 @@ def test_metadata_columns_and_a_keyed_patient_key():
     m = img.meta
     assert (m["modality"], m["body_part"], m["view_position"], m["rows"], m["columns"], m["bits_stored"]) == (
         "DX", "CHEST", "PA", 96, 96, 12)
-    assert m["study_uid"] == ds.StudyInstanceUID and m["series_uid"] == ds.SeriesInstanceUID
+    def key(value: str) -> str:
+        return hmac.new(b"s3cret", value.encode(), hashlib.sha256).hexdigest()[:24]
+
+    assert m["study_key"] == key(ds.StudyInstanceUID) and m["series_key"] == key(ds.SeriesInstanceUID)
     assert m["pixel_spacing"] == [0.143, 0.143] and m["label_value"] == "CHEST"
     assert m["patient_key"] == hmac.new(b"s3cret", b"PAT-0042", hashlib.sha256).hexdigest()[:24]
     values = " ".join(str(v) for v in m.values())
     assert "PAT-0042" not in values and "Doe" not in values and "19700101" not in values
+    assert ds.StudyInstanceUID not in values and ds.SeriesInstanceUID not in values  # UIDs lead to the PACS
     (no_secret,) = decode_file(dicom_bytes(ds), OPTS)
-    assert no_secret.meta["patient_key"] is None
+    assert no_secret.meta["patient_key"] is None and no_secret.meta["study_key"] is None
 
 
 def test_a_mixed_folder_gives_one_row_per_image_or_slice_with_metadata_and_nothing_twice(spark, tmp_path):
@@ -172,7 +176,7 @@ def test_a_mixed_folder_gives_one_row_per_image_or_slice_with_metadata_and_nothi
     classes = dict(zip(errors["path"].str.rsplit("/", n=1).str[-1], errors["error_class"]))
     assert classes["broken.dcm"] == "truncated" and classes["plan_no_pixels"] == "no_pixel_data"
     plan = errors[errors["path"].str.endswith("plan_no_pixels")].iloc[0]
-    assert plan["modality"] == "RTPLAN" and plan["study_uid"]  # errors keep what was read before the failure
+    assert plan["modality"] == "RTPLAN" and plan["study_key"]  # errors keep what was read before the failure
     dicom = feats[feats["format"] == "DICOM"]
     assert set(dicom["modality"]) == {"DX", "CT"} and dicom["patient_key"].notna().all()
     assert set(dicom["photometric"]) == {"MONOCHROME1", "MONOCHROME2"} and (dicom["rows"] == 96).all()

@@ -22,6 +22,7 @@ from imgfeat.backbones.registry import Backbone
 from imgfeat.backbones.weights import WeightsSource
 from imgfeat.engines.base import input_batch
 from imgfeat.io.decoders import DECODE_FAILED, DecodeError, DecodeOptions, decode_or_error
+from imgfeat.io.decoders.deadline import DecodeWatchdog
 from imgfeat.io.decoders.spark_image import decode_spark_image
 from imgfeat.io.fingerprints import perceptual_hash
 
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 # exploded into one row per slice by ``imgfeat.featurize.extract.featurize_contents``.
 SLICE_FIELDS = ["features", "features_f16", "slice_index", "phash"]
 META_DDL = (
-    "modality string, study_uid string, series_uid string, body_part string, view_position string, "
+    "modality string, study_key string, series_key string, body_part string, view_position string, "
     "pixel_spacing array<double>, rows int, columns int, bits_stored int, photometric string, patient_key string, "
     "label_value string"
 )
@@ -113,6 +114,22 @@ def _device_decode(items: list[Any], spec: FeaturizeSpec, jpeg_decoder: Any) -> 
     return done
 
 
+def _decode_on_host(items: list[Any], rows: list[int], spec: FeaturizeSpec,
+                    pool: ThreadPoolExecutor | None) -> dict[int, tuple[Any, list[str] | None]]:
+    """row -> (decoded images or DecodeError, perceptual hashes), in the decode threads. Each file gets at most
+    preprocess.decode_timeout_s, else it is a timed_out row (imgfeat.io.decoders.deadline)."""
+    watchdog = DecodeWatchdog(spec.decode.decode_timeout_s)
+
+    def decode(i: int) -> tuple[Any, list[str] | None]:
+        d = watchdog.call(_decode_one, items[i], spec)
+        return d, None if isinstance(d, DecodeError) else [perceptual_hash(img.array) for img in d]
+
+    try:
+        return dict(zip(rows, pool.map(decode, rows) if pool else map(decode, rows), strict=True))
+    finally:
+        watchdog.close()
+
+
 def decode_rows(contents: pd.Series | pd.DataFrame, spec: FeaturizeSpec, pool: ThreadPoolExecutor | None = None,
                 timings: dict[str, float] | None = None, jpeg_decoder: Any = None) -> DecodedRows:
     """Decode every row (JPEGs on the model's device when ``jpeg_decoder`` is given, the rest and whatever the
@@ -124,11 +141,7 @@ def decode_rows(contents: pd.Series | pd.DataFrame, spec: FeaturizeSpec, pool: T
     on_device = _device_decode(items, spec, jpeg_decoder) if jpeg_decoder is not None and not structs else {}
     rest = [i for i in range(n) if i not in on_device]
 
-    def decode(i: int) -> tuple[Any, list[str] | None]:  # in the decode threads: the image and its hashes
-        d = _decode_one(items[i], spec)
-        return d, None if isinstance(d, DecodeError) else [perceptual_hash(img.array) for img in d]
-
-    decoded = dict(zip(rest, pool.map(decode, rest) if pool else map(decode, rest), strict=True))
+    decoded = _decode_on_host(items, rest, spec, pool)
     out: dict[str, list[Any]] = {name: [None] * n for name in RESULT_FIELDS}
     host: list[tuple[int, int, Any]] = []
     for i, (d, phashes) in decoded.items():

@@ -3,7 +3,9 @@
 The format is found from the bytes (never the file name): DICOM (``dicom``: the DICM magic, or a preamble-less
 stream), NIfTI (``nifti``: its header, gzip or not), else the photographic formats Pillow knows (``pillow``:
 JPEG, PNG, TIFF, ...; ``decode_image`` decodes one such image). ``base`` holds what all decoders share
-(options, the decoded image, error classes); ``volumes`` windowing, slice selection and the shared resize.
+(options, the decoded image, error classes); ``volumes`` windowing, slice selection and the shared resize;
+``budget`` the decoding budget (bytes a file may inflate to) and a linear-time streamed gunzip; ``deadline`` the
+per-file wall-clock limit (``DecodeWatchdog``, used by the Spark UDF's decode threads).
 A new format: a module with ``is_<format>(bytes)`` and ``decode_<format>(bytes, options)``, and a line below.
 """
 
@@ -17,6 +19,7 @@ from imgfeat.io.decoders.base import (
     NIFTI,
     NO_PIXEL_DATA,
     NOT_AN_IMAGE,
+    TIMED_OUT,
     TOO_LARGE,
     TRUNCATED,
     UNREADABLE,
@@ -57,6 +60,11 @@ def decode_file(data: bytes | None, options: DecodeOptions, secret: str | None =
                                                       "pip install 'imgfeat[medical]'") from None
             except Exception as exc:  # a reader's own error: never fail the batch
                 raise DecodeError(DECODE_FAILED, f"{name} decoding failed: {type(exc).__name__}: {str(exc)[:200]}") from None
+            except BaseException as exc:  # a codec plugin's Rust panic (pyo3's PanicException is a BaseException)
+                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                    raise
+                raise DecodeError(DECODE_FAILED, f"{name} decoding failed in a codec plugin: {type(exc).__name__}: "
+                                                 f"{str(exc)[:200]}") from None
     return [decode_image(data, options)]
 
 def decode_or_error(data: bytes | None, options: DecodeOptions, secret: str | None = None,
@@ -71,7 +79,7 @@ def decode_or_error(data: bytes | None, options: DecodeOptions, secret: str | No
 
 
 __all__ = [
-    "DECODE_FAILED", "DICOM", "EMPTY_FILE", "ERROR_CLASSES", "NIFTI", "NOT_AN_IMAGE", "NO_PIXEL_DATA", "TOO_LARGE",
+    "DECODE_FAILED", "DICOM", "EMPTY_FILE", "ERROR_CLASSES", "NIFTI", "NOT_AN_IMAGE", "NO_PIXEL_DATA", "TIMED_OUT", "TOO_LARGE",
     "TRUNCATED", "UNREADABLE", "UNSUPPORTED_COMPRESSION", "UNSUPPORTED_FORMAT", "DecodeError", "DecodeOptions",
     "DecodedImage", "decode_file", "decode_image", "decode_or_error",
 ]

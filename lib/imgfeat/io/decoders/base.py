@@ -18,8 +18,9 @@ UNREADABLE = "unreadable"
 DECODE_FAILED = "decode_failed"
 NO_PIXEL_DATA = "no_pixel_data"  # a DICOM object without an image (a structured report, an RT plan, ...)
 UNSUPPORTED_COMPRESSION = "unsupported_compression"  # a DICOM transfer syntax no installed plugin decodes
+TIMED_OUT = "timed_out"  # decoding ran past preprocess.decode_timeout_s (imgfeat.io.decoders.deadline)
 ERROR_CLASSES = (EMPTY_FILE, TRUNCATED, NOT_AN_IMAGE, UNSUPPORTED_FORMAT, TOO_LARGE, UNREADABLE, DECODE_FAILED,
-                 NO_PIXEL_DATA, UNSUPPORTED_COMPRESSION)
+                 NO_PIXEL_DATA, UNSUPPORTED_COMPRESSION, TIMED_OUT)
 
 # Formats that are not Pillow's.
 DICOM = "DICOM"
@@ -34,6 +35,10 @@ class DecodeError(Exception):
         self.error_class = error_class
         self.message = message
         self.meta = meta or {}  # what was read before the failure (DICOM attributes), for the errors table
+
+
+# DecodeOptions fields that decide how decoding runs, not what it produces: left out of the recorded settings.
+RUNTIME_ONLY = ("decode_timeout_s",)
 
 
 @dataclass(frozen=True)
@@ -51,9 +56,14 @@ class DecodeOptions:
     # Volumes (multi-frame DICOM, NIfTI): middle (the middle axial slice) | mip (maximum intensity projection
     # along the axial axis) | slices:N (N evenly spaced axial slices, one row each).
     volume: str = "middle"
+    # Wall-clock seconds one file may take to decode (0 = no limit). It never changes a pixel, so it is not
+    # recorded with the rows (``to_dict``) and options that differ only in it compare equal.
+    decode_timeout_s: float = dataclasses.field(default=60.0, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "formats": list(self.formats)}
+        """The recorded options: those that decide the pixels (never ``RUNTIME_ONLY``)."""
+        return {**{k: v for k, v in dataclasses.asdict(self).items() if k not in RUNTIME_ONLY},
+                "formats": list(self.formats)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DecodeOptions:
@@ -74,3 +84,17 @@ class DecodedImage:
     format: str  # detected from the bytes, e.g. JPEG, PNG, DICOM, NIFTI
     slice_index: int | None = None  # volumes: the axial slice (or None for a projection / a 2D image)
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # DICOM / NIfTI metadata columns
+
+
+def nonfinite_error(values: np.ndarray, where: str, hint: str) -> DecodeError | None:
+    """A ``decode_failed`` error naming how many values of ``values`` are NaN or infinite and the first one's
+    position (row, column[, ...]); None when all are finite (integer arrays always are)."""
+    if values.dtype.kind not in "fc":
+        return None
+    bad = ~np.isfinite(values)
+    count = int(np.count_nonzero(bad))
+    if not count:
+        return None
+    first = [int(i) for i in np.unravel_index(int(np.argmax(bad)), values.shape)] + [0, 0]
+    return DecodeError(DECODE_FAILED, f"{count} of {values.size} pixel values of {where} are NaN or infinite (the "
+                                      f"first at row {first[0]}, column {first[1]}); {hint}")

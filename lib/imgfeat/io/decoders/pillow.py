@@ -22,6 +22,7 @@ from imgfeat.io.decoders.base import (
     DecodedImage,
     DecodeError,
     DecodeOptions,
+    nonfinite_error,
 )
 
 RESAMPLE = {
@@ -38,7 +39,8 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
 def _to_rgb_or_float(img: Image.Image, high_bit_depth: str) -> Image.Image:
-    """Return an 'RGB', 'L' (8-bit) or 'F' (float 0..255) image; alpha composited over black."""
+    """Return an 'RGB', 'L' (8-bit) or 'F' (float 0..255) image; alpha composited over black. A float image
+    with a NaN or infinite pixel is ``decode_failed``."""
     mode = img.mode
     if mode in ("RGB", "L"):
         return img
@@ -57,6 +59,10 @@ def _to_rgb_or_float(img: Image.Image, high_bit_depth: str) -> Image.Image:
         return Image.alpha_composite(background, rgba).convert(base)
     if mode in _HIGH_BIT_MODES:
         arr = np.asarray(img).astype(np.float32)
+        error = nonfinite_error(arr, f"this {mode} image", "a float image with missing values: replace them in the "
+                                                            "source (e.g. with 0) or leave the file out")
+        if error:  # never a silent black (minmax over NaN) or all-NaN input
+            raise error
         if high_bit_depth == "minmax":
             lo, hi = float(arr.min()), float(arr.max())
             scaled = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
