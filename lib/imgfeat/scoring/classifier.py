@@ -27,9 +27,20 @@ import numpy as np
 from imgfeat.backbones.registry import get_backbone
 from imgfeat.engines.base import input_batch
 from imgfeat.io.decoders import DecodeError, DecodeOptions, decode_or_error
+from imgfeat.io.decoders.deadline import DecodeWatchdog
 from imgfeat.scoring.heads import HeadArrays
 
 FORMAT_VERSION = 1
+
+
+def inside(root: str, path: str, what: str) -> str:
+    """The real path of ``path`` (symlinks resolved); ValueError when it lies outside the real path of ``root``."""
+    base = os.path.realpath(root)
+    real = os.path.realpath(path)
+    if os.path.commonpath([base, real]) != base:
+        raise ValueError(f"the model's {what} ({os.path.relpath(path, root)!r}) resolves to {real}, outside the model "
+                         f"folder {base}: refusing to read it. A model must carry its files; re-log it with `imgfeat train`")
+    return real
 
 
 @dataclass
@@ -83,19 +94,25 @@ class ImageClassifier:
     """Backbone + head, loaded once; ``predict`` and ``explain`` are safe to call from several threads
     (model calls are serialised: one CPU model at a time is fastest, and memory stays bounded)."""
 
-    def __init__(self, folder: str, threads: int = 0, device: str = "auto"):
-        with open(os.path.join(folder, "classifier.json"), encoding="utf-8") as fh:
+    def __init__(self, folder: str, threads: int = 0, device: str = "auto", root: str | None = None):
+        """``root``: the model folder every file read must lie in (symlinks resolved); default ``folder``."""
+        root = root or folder
+        with open(inside(root, os.path.join(folder, "classifier.json"), "classifier.json"), encoding="utf-8") as fh:
             self.info: dict[str, Any] = json.load(fh)
         if self.info.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{folder}: classifier format {self.info.get('format_version')} is not {FORMAT_VERSION}; "
                              "this imgfeat cannot read it")
         self.folder = folder
+        self.weights_path = self._weights_path(root)
         self.labels: list[str] = self.info["labels"]
         self.decode = DecodeOptions.from_dict(self.info["decode"])
+        for name in ("head.json", "head.npz"):
+            inside(root, os.path.join(folder, "head", name), f"head/{name}")
         self.head = HeadArrays.load(os.path.join(folder, "head"))
         self.backbone = get_backbone(self.info["backbone"])
         self.threads, self.device = threads, device
         self._lock = threading.Lock()
+        self._watchdog = DecodeWatchdog(self.decode.decode_timeout_s)  # a file past the limit: timed_out
         self._predict: Any = None
         self._maps: Any = None
 
@@ -105,11 +122,18 @@ class ImageClassifier:
         from imgfeat.engines import resolve_weights
 
         info = self.info
-        if info["weights"] == "file":
-            weights = os.path.join(self.folder, info["weights_file"])
-        else:
-            weights = info["weights"]
+        weights = self.weights_path or info["weights"]
         return resolve_weights(self.backbone, weights, int(info["seed"]), info.get("weights_sha256") or None)
+
+    def _weights_path(self, root: str) -> str | None:
+        """The weights file inside the model folder (``weights: file``), None for ``imagenet`` / ``none``."""
+        kind = self.info.get("weights")
+        if isinstance(kind, str) and kind.strip().lower() in ("imagenet", "none"):
+            return None
+        if kind != "file" or not isinstance(self.info.get("weights_file"), str):
+            raise ValueError(f"{self.folder}/classifier.json: weights {kind!r} is not 'imagenet', 'none' or 'file' with "
+                             "a weights_file inside the model folder; re-log the model with `imgfeat train`")
+        return inside(root, os.path.join(self.folder, self.info["weights_file"]), "weights_file")
 
     def _options(self) -> Any:
         from imgfeat.engines import EngineOptions
@@ -152,7 +176,7 @@ class ImageClassifier:
 
     def decode_one(self, data: bytes | None) -> Any:
         """The first model input of ``data`` (a 2D image, or a volume's selected slice), or the DecodeError."""
-        decoded = decode_or_error(data, self.decode)
+        decoded = self._watchdog.call(decode_or_error, data, self.decode)
         return decoded if isinstance(decoded, DecodeError) else decoded[0]
 
     def predict(self, contents: list[bytes | None], explain: bool = False,
@@ -180,19 +204,36 @@ class ImageClassifier:
             maps = np.asarray(self._ensure_maps()(batch), dtype=np.float32) if explain else None
         t2 = time.perf_counter()
         timings["inference_ms"] = timings.get("inference_ms", 0.0) + 1000 * (t2 - t1)
-        index, proba = self.head.predict(features.astype(np.float64))
+        with np.errstate(invalid="ignore", over="ignore"):
+            index, proba = self.head.predict(features.astype(np.float64))
         for k, i in enumerate(ok):
-            out[i].label = self.labels[int(index[k])]
-            out[i].probabilities = {label: float(proba[k, j]) for j, label in enumerate(self.labels)}
+            _score_one(out[i], features[k], proba[k], self.labels[int(index[k])], self.labels)
         t3 = time.perf_counter()
         timings["head_ms"] = timings.get("head_ms", 0.0) + 1000 * (t3 - t2)
         if maps is not None:
             from imgfeat.scoring.explain import class_map, overlay_png
 
             for k, i in enumerate(ok):
+                if out[i].error_class:
+                    continue
                 heat, how = class_map(self.head, maps[k], features[k], int(index[k]))
                 out[i].heatmap, out[i].explanation = heat, how
                 out[i].heatmap_png = overlay_png(decoded[i].array, heat, decoded[i].width, decoded[i].height,
                                                  self.decode.resize_mode)
             timings["explain_ms"] = timings.get("explain_ms", 0.0) + 1000 * (time.perf_counter() - t3)
         return out
+
+
+def _score_one(out: Prediction, features: np.ndarray, proba: np.ndarray, label: str, labels: list[str]) -> None:
+    """``out``'s label and probabilities, or its error when the features or the probabilities are not finite."""
+    if not np.isfinite(features).all():
+        out.error_class = "non_finite_features"
+        out.error_message = ("the backbone's features for this image are not finite numbers (NaN or infinity): check "
+                             "the backbone's weights and precision")
+    elif not np.isfinite(proba).all():
+        out.error_class = "non_finite_output"
+        out.error_message = ("the model's probabilities for this image are not finite numbers (NaN or infinity): "
+                             "check the head's weights")
+    else:
+        out.label = label
+        out.probabilities = {name: float(proba[j]) for j, name in enumerate(labels)}

@@ -134,10 +134,11 @@ def log_classifier(**fields: Any) -> Any:
 
 def load_classifier(model_uri: str) -> Any:
     """The ``ImageClassifier`` inside a logged imgfeat pyfunc model (any MLflow model URI or local path), read from
-    its files (JSON, NumPy arrays, weights-only state dicts) without running or unpickling anything of the model."""
+    its files (JSON, NumPy arrays, weights-only state dicts) without running or unpickling anything of the model.
+    Every file it reads must lie inside the model's folder (symlinks resolved), else ValueError."""
     import yaml
 
-    from imgfeat.scoring.classifier import ImageClassifier
+    from imgfeat.scoring.classifier import ImageClassifier, inside
 
     local = model_uri if os.path.isdir(model_uri) else mlflow.artifacts.download_artifacts(artifact_uri=model_uri)
     mlmodel = os.path.join(local, "MLmodel")
@@ -146,11 +147,14 @@ def load_classifier(model_uri: str) -> Any:
     with open(mlmodel, encoding="utf-8") as fh:
         flavor = (yaml.safe_load(fh).get("flavors") or {}).get("python_function") or {}
     artifact = (flavor.get("artifacts") or {}).get(ARTIFACT) or {}
-    folder = os.path.join(local, artifact.get("path", ""))
-    if not artifact or not os.path.isfile(os.path.join(folder, "classifier.json")):
+    if not artifact or not isinstance(artifact.get("path"), str):
         raise ValueError(f"{model_uri} is an MLflow model but not imgfeat's pyfunc model (no {ARTIFACT!r} artifact); serve "
                          "the pyfunc_model that `imgfeat train` logged")
-    return ImageClassifier(folder)
+    folder = inside(local, os.path.join(local, artifact["path"]), f"{ARTIFACT!r} artifact path in MLmodel")
+    if not os.path.isfile(os.path.join(folder, "classifier.json")):
+        raise ValueError(f"{model_uri}: its {ARTIFACT!r} artifact has no classifier.json; serve the pyfunc_model that "
+                         "`imgfeat train` logged")
+    return ImageClassifier(folder, root=local)
 
 
 def resolve_uri(model_uri: str) -> str:

@@ -1,6 +1,8 @@
 """The single page ``imgfeat serve`` shows at ``/``: pick or drop an image, see the label, bars, and the heat map.
 
-Plain HTML and JavaScript (no external assets: it works on machines without internet access).
+Plain HTML and JavaScript (no external assets: it works on machines without internet access). Labels come from
+the JSON of ``/predict`` (UTF-8), not from ``/explain``'s percent-encoded headers; a /health status other than
+"ok" is shown as an error.
 """
 
 PAGE = """<!doctype html>
@@ -55,6 +57,8 @@ fetch("health").then(r => r.json()).then(h => {
   document.getElementById("model").textContent =
     `${m.backbone} (${m.engine}, weights ${String(m.weights_id).slice(0, 28)}) + ${m.head}; classes: ${m.labels.join(", ")}`;
   if (h.auth) tokenRow.style.display = "block";
+  if (h.status !== "ok") document.getElementById("error").textContent =
+    `the server's model is not running (health: ${h.status}); restart imgfeat serve`;
 });
 drop.addEventListener("click", () => input.click());
 drop.addEventListener("keydown", e => { if (e.key === "Enter" || e.key === " ") input.click(); });
