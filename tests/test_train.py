@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -144,7 +145,7 @@ def test_runs_params_metrics_and_artifacts_are_in_the_store(trained_all_heads, s
     for child in children:
         tags, params, metrics = child.data.tags, child.data.params, child.data.metrics
         check_mlflow_run(child)  # no image content, no patient fields
-        assert tags["backbone"] == "tiny" and tags["dataset"] == "features" and params["head"] == tags["head"]
+        assert tags["backbone"] == "tiny" and re.fullmatch(r"features-[0-9a-f]{12}", tags["dataset"]) and params["head"] == tags["head"]
         for key in ("backbone", "weights_id", "head", "split_seed", "test_fraction", "train_count_A", "test_count_C", "features_table_sha256", "preprocess"):
             assert key in params, key
         for key in ("test_accuracy", "test_f1_macro", "test_f1_weighted", "test_kappa", "test_roc_auc",
@@ -513,7 +514,7 @@ def test_killed_predict_leaves_previous_table_unchanged_and_rerun_completes(spar
     added = _add_xrays(folder, 60, seed=23)
     hold = tmp_path / "hold"
     hold.mkdir()
-    temporary = os.path.join(cfg.output.path, "_temporary")
+    temporary = cfg.output.path + ".imgfeat-staging-*/_temporary"  # the run writes to its own staging folder
     # As in extract's kill test: without adaptive execution, featurizing + scoring + writing is one Spark
     # job that sets up its commit first; tasks of partitions other than 0 are held, then the job is killed.
     proc = subprocess.Popen(
@@ -526,14 +527,14 @@ def test_killed_predict_leaves_previous_table_unchanged_and_rerun_completes(spar
     )
     try:
         deadline = time.monotonic() + 300
-        while not (os.path.isdir(temporary) and glob.glob(str(hold / "started-p[1-9]*"))):
+        while not (glob.glob(temporary) and glob.glob(str(hold / "started-p[1-9]*"))):
             assert proc.poll() is None, f"the predict job ended (rc {proc.returncode}) before its write"
             assert time.monotonic() < deadline, "gave up waiting for the predict job's write"
             time.sleep(0.2)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
-    assert os.path.isdir(temporary)  # the killed write's uncommitted state is there ...
+    assert glob.glob(temporary)  # the killed write's uncommitted state is there ...
     assert _run_ids(spark, cfg.output.path) == before  # ... and the table reads exactly as before
 
     again = run_predict(spark, cfg)
@@ -541,4 +542,4 @@ def test_killed_predict_leaves_previous_table_unchanged_and_rerun_completes(spar
     after = _run_ids(spark, cfg.output.path)
     assert spark.read.parquet(cfg.output.path).count() == len(after) == first.predicted + len(added)
     assert {"file:" + p for p in added} <= set(after)
-    assert not os.path.exists(temporary)
+    assert not glob.glob(cfg.output.path + ".imgfeat-staging-*")  # the killed run's lease died with it

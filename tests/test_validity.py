@@ -156,8 +156,9 @@ def test_the_audit_finds_duplicates_and_train_refuses_a_leaking_split(spark, tmp
             "train.validity.bootstrap_resamples=200"]
     with pytest.raises(LeakageError, match=r"copied\.png"):
         run_train(spark, load_config(sets=sets))
-    # train's own hash split keeps the duplicates together (and --allow-duplicates would train on the leak).
-    result = run_train(spark, load_config(sets=[*sets, "train.split_mode=hash"]))
+    # train's own hash split keeps the duplicates together (and --allow-duplicates would train on the leak); the
+    # copy still carries two labels, which stops train unless allowed (tests/test_phi.py).
+    result = run_train(spark, load_config(sets=[*sets, "train.split_mode=hash", "train.validity.allow_label_conflicts=true"]))
     assert result.audit["exact_cross_split_count"] == 0 and result.runs
     import mlflow
 

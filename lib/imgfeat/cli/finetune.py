@@ -25,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16"])
     p.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per process (NCCL)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    p.add_argument("--allow-label-conflicts", action="store_const", const=True,
+                   help="train even if identical files carry different labels (one of them is wrong)")
     p.add_argument("--experiment", help="MLflow experiment")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
 
@@ -36,7 +38,7 @@ def overrides(a: argparse.Namespace) -> dict[str, Any]:
         "finetune.batch_size": a.batch_size, "finetune.learning_rate": a.learning_rate,
         "finetune.train_layers": a.train_layers, "finetune.num_processes": a.num_processes,
         "finetune.precision": a.precision, "finetune.use_gpu": a.use_gpu, "mlflow.experiment": a.experiment,
-        "mlflow.tracking_uri": a.tracking_uri,
+        "mlflow.tracking_uri": a.tracking_uri, "train.validity.allow_label_conflicts": a.allow_label_conflicts,
     }
 
 

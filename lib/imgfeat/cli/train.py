@@ -27,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="train even if train and test share a group (patient)")
     p.add_argument("--allow-duplicates", action="store_const", const=True,
                    help="train even if the same image content is in train and test")
+    p.add_argument("--allow-label-conflicts", action="store_const", const=True,
+                   help="train even if identical files carry different labels (one of them is wrong)")
     p.add_argument("--target-sensitivity", type=float, help="binary: report the operating point at this sensitivity (0.95)")
 
 
@@ -46,6 +48,7 @@ def overrides(a: argparse.Namespace) -> dict[str, Any]:
         "output.format": a.format,
         "train.validity.allow_group_overlap": a.allow_group_overlap,
         "train.validity.allow_duplicates": a.allow_duplicates,
+        "train.validity.allow_label_conflicts": a.allow_label_conflicts,
         "train.validity.target_sensitivity": a.target_sensitivity,
     }
 

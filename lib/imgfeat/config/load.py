@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import yaml
 
+from imgfeat.config.phi import patient_attribute
 from imgfeat.config.schema import Config, ConfigError
 
 # ---------------------------------------------------------------------------------------------
@@ -42,7 +43,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return {str(k): str(v) for k, v in value.items()}
+        return _text_mapping(value, where)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -68,6 +69,23 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected text, got {value!r}")
         return str(value)
     raise ConfigError(f"{where}: unsupported type {tp}")  # pragma: no cover
+
+
+def _text_mapping(value: dict[Any, Any], where: str, prefix: str = "") -> dict[str, str]:
+    """A mapping setting (``spark.conf``: dotted key -> text). Nested mappings are flattened into dotted keys
+    (``{spark: {sql: {shuffle.partitions: 4}}}`` -> ``spark.sql.shuffle.partitions``); booleans become true/false."""
+    out: dict[str, str] = {}
+    for k, v in value.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_text_mapping(v, where, key + "."))
+        elif isinstance(v, bool):
+            out[key] = "true" if v else "false"
+        elif v is None or isinstance(v, list):
+            raise ConfigError(f"{where}: {key!r} needs a text value, got {v!r} (a list: write it comma-separated)")
+        else:
+            out[key] = str(v)
+    return out
 
 
 def _merge_into(obj: Any, data: dict[str, Any], where: str, source: str) -> None:
@@ -144,18 +162,55 @@ def _validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    _validate_privacy_and_limits(cfg)
     sha = cfg.model.weights_sha256
     if sha is not None and (len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha.lower())):
         raise ConfigError("model.weights_sha256 must be 64 hexadecimal characters")
 
 
+ARROW_MAX_BYTES = 2**31 - 1  # Spark's limit for spark.sql.execution.arrow.maxBytesPerBatch
+
+
+def _validate_privacy_and_limits(cfg: Config) -> None:
+    """No patient field as a label source; Arrow batches bounded in bytes within Spark's limit."""
+    tag = cfg.input.label.dicom_tag
+    attribute = patient_attribute(tag) if tag else None
+    if attribute and cfg.input.label.effective_mode == "dicom_tag":
+        raise ConfigError(
+            f"input.label.dicom_tag={tag!r} names {attribute}, a patient/study identifier, which must not become a "
+            "label: labels are logged to MLflow (params, reports) and stored in every row. Label by a clinical "
+            "attribute (e.g. StudyDescription, BodyPartExamined, ViewPosition) or write a manifest (path,label) with "
+            "labels derived from it")
+    rows, size, batch = cfg.inference.arrow_batch_rows, cfg.input.max_file_bytes, cfg.inference.arrow_batch_bytes
+    if not 1 <= batch <= ARROW_MAX_BYTES:
+        raise ConfigError(
+            f"inference.arrow_batch_bytes={batch} must be in 1..{ARROW_MAX_BYTES} (Spark's limit); with "
+            f"arrow_batch_rows={rows} and input.max_file_bytes={size}, a batch holds at most "
+            "min(rows x file size, arrow_batch_bytes + one file) bytes")
+
+
+def _setting_keys(keys: list[str]) -> list[str]:
+    """Dotted keys as the settings see them: below a mapping setting (``spark.conf``) the rest is one key, so
+    ``spark.conf.spark.sql.shuffle.partitions`` -> ``['spark', 'conf', 'spark.sql.shuffle.partitions']``."""
+    tp: Any = Config
+    for i, key in enumerate(keys[:-1]):
+        hints = typing.get_type_hints(tp) if dataclasses.is_dataclass(tp) else {}
+        if key not in hints:
+            break  # not a setting: _merge_into names it
+        tp = hints[key]
+        if typing.get_origin(tp) is dict:
+            return [*keys[: i + 1], ".".join(keys[i + 1:])]
+    return keys
+
+
 def parse_set(item: str) -> tuple[list[str], Any]:
-    """``'model.name=resnet50'`` -> (['model', 'name'], 'resnet50'); the value is read as YAML."""
+    """``'model.name=resnet50'`` -> (['model', 'name'], 'resnet50'); the value is read as YAML. Below a mapping
+    setting the rest of the key is one key: ``spark.conf.spark.sql.shuffle.partitions=4`` sets that Spark key."""
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set inference.batch_size=64")
     key, raw = item.split("=", 1)
     value = yaml.safe_load(raw) if raw.strip() else ""
-    return key.strip().split("."), value
+    return _setting_keys(key.strip().split(".")), value
 
 
 def _nest(keys: list[str], value: Any) -> dict[str, Any]:
@@ -185,7 +240,7 @@ def load_config(
         _merge_into(cfg, data, "", path)
     for dotted, value in (overrides or {}).items():
         if value is not None:
-            _merge_into(cfg, _nest(dotted.split("."), value), "", "command-line flag")
+            _merge_into(cfg, _nest(_setting_keys(dotted.split(".")), value), "", "command-line flag")
     for item in sets or []:
         keys, value = parse_set(item)
         _merge_into(cfg, _nest(keys, value), "", f"--set {item}")

@@ -19,6 +19,7 @@ import pandas as pd
 
 from imgfeat.config import Config
 from imgfeat.io.decoders import DecodeError, DecodeOptions, decode_or_error
+from imgfeat.io.decoders.deadline import DecodeWatchdog
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -43,8 +44,9 @@ class DecodedTable:
 def decode_to_uint8(contents: pd.Series, decode: DecodeOptions) -> pd.DataFrame:
     """File bytes -> per file: the decoded images (uint8 bytes) and slice indices, or the error."""
     out: dict[str, list[Any]] = {"images": [], "slice_index": [], "error_class": [], "error_message": []}
+    watchdog = DecodeWatchdog(decode.decode_timeout_s)  # a file past the limit: a timed_out row
     for data in contents:
-        decoded = decode_or_error(None if data is None else bytes(data), decode)
+        decoded = watchdog.call(decode_or_error, None if data is None else bytes(data), decode)
         if isinstance(decoded, DecodeError):
             out["images"].append(None)
             out["slice_index"].append(None)
@@ -55,6 +57,7 @@ def decode_to_uint8(contents: pd.Series, decode: DecodeOptions) -> pd.DataFrame:
             out["slice_index"].append([d.slice_index for d in decoded])
             out["error_class"].append(None)
             out["error_message"].append(None)
+    watchdog.close()
     return pd.DataFrame(out)
 
 
@@ -82,8 +85,9 @@ def build_decoded_table(spark: SparkSession, cfg: Config, size: int, path: str) 
 
     udf = F.pandas_udf(run, DECODED_DDL)  # type: ignore[call-overload]
     contents = read_contents(spark, cfg, images, n, n)
-    decoded = contents.select("path", udf(F.col("content")).alias("d")).join(images, on="path", how="inner")
-    decoded = decoded.persist(StorageLevel.MEMORY_AND_DISK)
+    decoded = contents.select("path", F.sha2(F.col("content"), 256).alias("content_sha256"), udf(F.col("content")).alias("d"))
+    decoded = decoded.join(images, on="path", how="inner").persist(StorageLevel.MEMORY_AND_DISK)
+    check_labels(decoded.filter(F.col("d.error_class").isNull()), cfg, cached=(decoded, images))  # before any write
     good = decoded.filter(F.col("d.error_class").isNull() & F.col("label").isNotNull())
     good = good.select("path", "rel_path", "label", "split", "group_id", "image_id",
                        F.explode(F.arrays_zip(F.col("d.images").alias("image"), F.col("d.slice_index").alias("slice_index"))).alias("z"))
@@ -113,6 +117,25 @@ def build_decoded_table(spark: SparkSession, cfg: Config, size: int, path: str) 
     images.unpersist()
     labels = sorted({lab for split in counts.values() for lab in split})
     return DecodedTable(path, path.rstrip("/") + "_errors", size, labels, counts, n, n_failed)
+
+
+def check_labels(decoded: Any, cfg: Config, cached: tuple[Any, ...] = ()) -> None:
+    """Stop (LabelConflictError, naming the files and labels on the console) when identical files carry different
+    labels, as ``train`` does, unless train.validity.allow_label_conflicts. ``decoded``: the files that decoded
+    (path, rel_path, label, split, content_sha256); ``cached``: frames to unpersist when stopping."""
+    from pyspark.sql import functions as F
+
+    from imgfeat.train.audit import LabelConflictError, check_label_conflicts, label_conflicts
+
+    files = decoded.filter(F.col("label").isNotNull()).select(
+        "path", "rel_path", "label", F.col("split").alias("side"), "content_sha256")
+    count, conflicts = label_conflicts(files)
+    try:
+        check_label_conflicts(count, conflicts, cfg.train.validity.allow_label_conflicts, f"the input {cfg.input.path!r}")
+    except LabelConflictError:
+        for frame in cached:
+            frame.unpersist()
+        raise
 
 
 def _with_validation(cfg: Config) -> Any:

@@ -71,6 +71,7 @@ def run_finetune(spark: SparkSession, cfg: Config, resume: bool = False) -> Fine
     from imgfeat.engines import resolve_weights
     from imgfeat.finetune.data import build_decoded_table, table_files
     from imgfeat.finetune.loop import LoopSpec, spec_dict
+    from imgfeat.train.privacy import check_metadata
     from imgfeat.train.tracking import tracking_uri, use_experiment
 
     started = time.time()
@@ -130,6 +131,7 @@ def run_finetune(spark: SparkSession, cfg: Config, resume: bool = False) -> Fine
                        "validation_fraction": fc.validation_fraction,
                        **{f"count_{split}_{lab}": n for split, c in table["counts"].items() for lab, n in c.items()}})
         params["class_weights"] = json.dumps(class_weights)
+        check_metadata(params)  # no patient fields or image content in run metadata
         mlflow.log_params(params)
         for h in result["history"]:
             mlflow.log_metrics({k: v for k, v in h.items() if k != "epoch" and v == v}, step=int(h["epoch"]))

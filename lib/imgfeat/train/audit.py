@@ -22,6 +22,10 @@ class LeakageError(ValueError):
     """The train/test split leaks (exact duplicates or shared groups across it); the message names files."""
 
 
+class LabelConflictError(ValueError):
+    """Identical files (same content) carry different labels; the message names the files and their labels."""
+
+
 @dataclass
 class AuditReport:
     images: int
@@ -130,21 +134,40 @@ def run_audit(images: DataFrame, near_duplicate_bits: int = 12) -> AuditReport:
     return report
 
 
-def _exact(images: DataFrame, report: AuditReport) -> None:
+def duplicate_sets(images: DataFrame) -> DataFrame:
+    """Contents that more than one file holds. ``images``: path, rel_path, label, side, content_sha256 (one row per
+    image or slice). One row per content: n, paths, labels, sides, members (rel_path, label), crosses_split,
+    crosses_label."""
     from pyspark.sql import functions as F
 
     # One row per file here: the slices of one volume share its content and are not duplicates of each other.
     files = images.filter(F.col("content_sha256").isNotNull()).dropDuplicates(["path", "side"])
-    sets = (
+    return (
         files.groupBy("content_sha256")
         .agg(F.countDistinct("path").alias("n"), F.sort_array(F.collect_set("rel_path")).alias("paths"),
              F.sort_array(F.collect_set("label")).alias("labels"),
-             F.sort_array(F.collect_set(F.coalesce("side", F.lit("none")))).alias("sides"))
+             F.sort_array(F.collect_set(F.coalesce("side", F.lit("none")))).alias("sides"),
+             F.sort_array(F.collect_set(F.struct("rel_path", "label"))).alias("members"))
         .filter(F.col("n") > 1)
         .withColumn("crosses_split", F.array_contains("sides", "train") & F.array_contains("sides", "test"))
         .withColumn("crosses_label", F.size("labels") > 1)
-        .persist()
     )
+
+
+def duplicate_rows(sets: DataFrame) -> list[dict[str, Any]]:
+    """The first ``EXAMPLES`` sets of ``duplicate_sets`` (largest first), as dicts for the report."""
+    from pyspark.sql import functions as F
+
+    return [{"content_sha256": r["content_sha256"], "n": r["n"], "paths": list(r["paths"])[:10],
+             "labels": list(r["labels"]), "sides": list(r["sides"]),
+             "members": [{"rel_path": m["rel_path"], "label": m["label"]} for m in r["members"][:10]]}
+            for r in sets.orderBy(F.desc("n"), "content_sha256").limit(EXAMPLES).collect()]
+
+
+def _exact(images: DataFrame, report: AuditReport) -> None:
+    from pyspark.sql import functions as F
+
+    sets = duplicate_sets(images).persist()
     totals = sets.agg(F.count("*").alias("sets"), F.sum("n").alias("images"),
                       F.sum(F.col("crosses_split").cast("int")).alias("split"),
                       F.sum(F.col("crosses_label").cast("int")).alias("label")).first()
@@ -152,16 +175,18 @@ def _exact(images: DataFrame, report: AuditReport) -> None:
     report.exact_duplicate_images = int(totals["images"] or 0)
     report.exact_cross_split_count = int(totals["split"] or 0)
     report.exact_cross_label_count = int(totals["label"] or 0)
-
-    def rows(df: DataFrame) -> list[dict[str, Any]]:
-        return [{"content_sha256": r["content_sha256"], "n": r["n"], "paths": list(r["paths"])[:10],
-                 "labels": list(r["labels"]), "sides": list(r["sides"])}
-                for r in df.orderBy(F.desc("n"), "content_sha256").limit(EXAMPLES).collect()]
-
-    report.exact_cross_split = rows(sets.filter("crosses_split"))
-    report.exact_cross_label = rows(sets.filter("crosses_label"))
-    report.exact_examples = rows(sets)
+    report.exact_cross_split = duplicate_rows(sets.filter("crosses_split"))
+    report.exact_cross_label = duplicate_rows(sets.filter("crosses_label"))
+    report.exact_examples = duplicate_rows(sets)
     sets.unpersist()
+
+
+def label_conflicts(images: DataFrame) -> tuple[int, list[dict[str, Any]]]:
+    """(how many contents carry more than one label, the first of them) among ``images`` (as ``duplicate_sets``)."""
+    sets = duplicate_sets(images).filter("crosses_label").persist()
+    found = (sets.count(), duplicate_rows(sets))
+    sets.unpersist()
+    return found
 
 
 def _near(images: DataFrame, report: AuditReport, bits: int) -> None:
@@ -238,15 +263,28 @@ def check_leakage(report: AuditReport, allow_duplicates: bool, allow_group_overl
                            "duplicates together), or extract with --set input.split.group=regex ...")
 
 
+def check_label_conflicts(count: int, conflicts: list[dict[str, Any]], allow: bool, where: str) -> None:
+    """Raise LabelConflictError naming the files (relative paths) and their labels when identical files carry
+    different labels, unless ``allow``. The message is for the console only: it names files."""
+    if not count or allow:
+        return
+    examples = "; ".join(" = ".join(f"{m['rel_path']} ({m['label']})" for m in item["members"]) for item in conflicts[:5])
+    raise LabelConflictError(
+        f"{count} file content(s) in {where} carry different labels, so one of each set is mislabelled (e.g. "
+        f"{examples}). Fix or remove the wrong copies, or train anyway with --allow-label-conflicts "
+        "(train.validity.allow_label_conflicts=true)")
+
+
 def redact(report: AuditReport, key: Any) -> dict[str, Any]:
-    """The report for an MLflow artifact: file names and group ids replaced by ``key(text)`` (a keyed id or a
-    content-hash prefix), so that the artifact names no file and no patient."""
+    """The report for an MLflow artifact: every file (by its content hash or its path) and group replaced by
+    ``key(text)``, a keyed id, so that the artifact names no file and no patient."""
     data = report.to_dict()
     for item in data["exact_cross_split"] + data["exact_cross_label"] + data["exact_examples"]:
-        item["paths"] = [f"sha256:{item['content_sha256'][:12]}"] * len(item["paths"])
-        item["content_sha256"] = item["content_sha256"][:12]
+        content = key("sha256:" + item.pop("content_sha256"))
+        item.pop("members", None)
+        item["content_id"], item["paths"] = content, [content] * len(item["paths"])
     for item in data["near_cross_split"] + data["near_cross_label"]:
-        item["a"], item["b"] = f"sha256:{item.pop('sha_a')[:12]}", f"sha256:{item.pop('sha_b')[:12]}"
+        item["a"], item["b"] = key("sha256:" + item.pop("sha_a")), key("sha256:" + item.pop("sha_b"))
     for item in data["groups_across_splits"]:
         item["group_id"] = key(item["group_id"])
         item["examples"] = [key(e) for e in item["examples"]]

@@ -11,7 +11,6 @@ bytes; and a paired test between the best two runs.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -62,14 +61,15 @@ class TrainResult:
     seconds: float = 0.0
     audit: dict[str, Any] | None = None  # the leakage report (train.audit.AuditReport)
     paired_test: dict[str, Any] | None = None  # McNemar between the best two runs
+    dataset: str = ""  # the runs' "dataset" tag: train.dataset, else a keyed hash of the table's location
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def summary(self) -> str:
         lines = [
-            f"[imgfeat] train: {len(self.runs)} runs in experiment {self.experiment!r} (parent run {self.parent_run_id}) "
-            f"in {self.seconds:.1f}s; split {self.split_mode}: {self.n_train} train / {self.n_test} test images; "
+            f"[imgfeat] train: {len(self.runs)} runs in experiment {self.experiment!r} (parent run {self.parent_run_id}, "
+            f"dataset {self.dataset}) in {self.seconds:.1f}s; split {self.split_mode}: {self.n_train} train / {self.n_test} test images; "
             f"labels {self.labels}",
         ]
         if self.excluded_unlabelled or self.excluded_split:
@@ -264,11 +264,19 @@ def run_train(spark: SparkSession, cfg: Config) -> TrainResult:
     from pyspark.ml.functions import array_to_vector
     from pyspark.sql import functions as F
 
-    from imgfeat.io.groups import id_salt
-    from imgfeat.train.audit import check_leakage, run_audit
+    from imgfeat.train.audit import check_label_conflicts, check_leakage, run_audit
     from imgfeat.train.heads import check_heads
     from imgfeat.train.metrics import classification_metrics, metric_key, scores_to_proba
-    from imgfeat.train.privacy import artifact_ids, check_artifact_table, check_metadata, set_digest
+    from imgfeat.train.privacy import (
+        artifact_ids,
+        check_artifact_table,
+        check_metadata,
+        configured_salt,
+        dataset_name,
+        keyed_id,
+        run_salt,
+        set_digest,
+    )
     from imgfeat.train.split import assign_split, audit_images, labelled_images, read_features, with_item
     from imgfeat.train.tracking import model_signature, pip_requirements, tracking_uri, use_experiment
     from imgfeat.train.uncertainty import plot_reliability
@@ -278,7 +286,8 @@ def run_train(spark: SparkSession, cfg: Config) -> TrainResult:
     check_heads(tc.heads)
     experiment_id = use_experiment(cfg)
     table = read_features(spark, cfg)
-    dataset = tc.dataset or os.path.basename(tc.features.rstrip("/")) or tc.features
+    salt = run_salt(cfg.privacy.id_salt)  # keys every id this run logs; a random one is never stored
+    dataset = dataset_name(tc.dataset, tc.features, salt)
 
     n_unlabelled = table.filter(F.col("label").isNull()).count()
     if n_unlabelled:
@@ -322,10 +331,11 @@ def run_train(spark: SparkSession, cfg: Config) -> TrainResult:
         parent_run_id="", experiment_id=experiment_id, experiment=cfg.mlflow.experiment, tracking_uri=tracking_uri(cfg),
         features=tc.features, labels=labels, split_mode=split_mode, n_train=sum(train_counts.values()),
         n_test=sum(test_counts.values()), excluded_unlabelled=n_unlabelled, excluded_split=n_excluded_split,
+        dataset=dataset,
     )
     common_params = {
-        # The table's location may name people or places: its digest identifies it without saying it.
-        "features_table_sha256": hashlib.sha256(tc.features.encode("utf-8")).hexdigest()[:16], "dataset": dataset, "labels": json.dumps(labels), "split_mode": split_mode,
+        # The table's location may name people or places: a keyed digest identifies it without saying it.
+        "features_table_sha256": keyed_id(tc.features, salt, 16), "dataset": dataset, "labels": json.dumps(labels), "split_mode": split_mode,
         "split_seed": tc.seed, "test_fraction": tc.test_fraction if split_mode == "hash" else "split column",
         "class_weighting": tc.class_weighting, "n_train": result.n_train, "n_test": result.n_test,
         **{f"train_count_{metric_key(k)}": v for k, v in train_counts.items()},
@@ -345,13 +355,15 @@ def run_train(spark: SparkSession, cfg: Config) -> TrainResult:
         audit = run_audit(audit_images(split, labelled), tc.validity.near_duplicate_bits)
         result.audit = audit.to_dict()
         log.info("%s", audit.summary())
-        _log_audit(audit, salt=id_salt(cfg.privacy.id_salt))
-        # A leaking split ends here, with the report logged and the parent run marked FAILED.
+        _log_audit(audit, salt)
+        # A leaking split, or one file under two labels, ends here with the report logged and the parent run
+        # marked FAILED; the messages name files for the console only.
         check_leakage(audit, tc.validity.allow_duplicates, tc.validity.allow_group_overlap)
+        check_label_conflicts(audit.exact_cross_label_count, audit.exact_cross_label, tc.validity.allow_label_conflicts,
+                              f"the features table {tc.features!r}")
         test_ids = split.filter(F.col("is_test")).select("image_id", "label").orderBy("image_id").toPandas()
         mlflow.log_param("test_set_sha256", set_digest(list(test_ids["image_id"])))
-        salt = id_salt(cfg.privacy.id_salt)
-        if salt:  # which images were held out, by keyed id: the owner of the secret can map them back
+        if configured_salt(cfg.privacy.id_salt):  # held-out images by keyed id: the secret's owner maps them back
             listed = test_ids.assign(test_id=artifact_ids(list(test_ids["image_id"]), salt))[["test_id", "label"]]
             check_artifact_table(listed, "test_images.csv")
             with tempfile.TemporaryDirectory() as tmp:
@@ -444,19 +456,14 @@ def _log_pyfunc(featurizer: Any, fitted: Any, labels: list[str], head: str, run_
                    precision=get("precision"), labels=labels, head_name=head, head=export_head(fitted), run_id=run_id)
 
 
-def _log_audit(audit: Any, salt: str | None) -> None:
-    """audit.json and audit.md on the parent run, with no file name or group id in them."""
-    import hashlib
-
+def _log_audit(audit: Any, salt: str) -> None:
+    """audit.json and audit.md on the parent run: files and groups only by ids keyed with the run's secret."""
     import mlflow
 
     from imgfeat.train.audit import redact
-    from imgfeat.train.privacy import artifact_ids
+    from imgfeat.train.privacy import keyed_id
 
-    def key(text: str) -> str:
-        return artifact_ids([text], salt)[0] if salt else "group-" + hashlib.sha256(text.encode()).hexdigest()[:8]
-
-    data = redact(audit, key)
+    data = redact(audit, lambda text: keyed_id(text, salt))
     mlflow.log_dict(data, "audit.json")
     mlflow.log_text(_redacted_summary(data), "audit.md")
     mlflow.log_metrics({"audit_exact_cross_split": audit.exact_cross_split_count,
@@ -474,8 +481,8 @@ def _redacted_summary(data: dict[str, Any]) -> str:
               f"- near duplicate pairs (<= {data['near_duplicate_bits']} bits): {data['near_duplicate_pairs']}; across "
               f"train/test: {data['near_cross_split_count']}; with differing labels: {data['near_cross_label_count']}",
               f"- groups: {data['groups']}; on both sides: {data['groups_across_splits_count']}",
-              "", "Files are named by the first 12 hex digits of their content's SHA-256 (look them up in the features "
-              "table's content_sha256); `imgfeat audit` prints their paths."]
+              "", "Files and groups are named by keyed ids (HMAC-SHA256 with privacy.id_salt when set, else with a "
+              "secret of this run only): `imgfeat audit` prints their paths to whoever has the table."]
     return "\n".join(lines) + "\n"
 
 

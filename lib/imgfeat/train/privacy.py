@@ -1,8 +1,10 @@
-"""Checks that run metadata and artifacts hold no image content, no file names and no patient fields.
+"""Checks that run metadata and artifacts hold no image content, no file names and no patient fields, and the
+keying of every id that leaves the machine.
 
 Call ``check_metadata(params, tags)`` before logging params, ``check_artifact_table(frame, name)`` before logging
-a table, or ``check_mlflow_run(run)`` on a finished run. Image ids in artifacts are keyed with a secret
-(``artifact_ids``): an id that is a plain hash of a relative path can be reversed by hashing guessed names.
+a table, or ``check_mlflow_run(run)`` on a finished run. Every id in an MLflow artifact or tag (image ids, audit
+files and groups, the dataset name) is ``keyed_id(text, salt)``: HMAC-SHA256 with the run's secret
+(``run_salt``), because a plain hash of a file or patient name is reversed by hashing guessed names.
 """
 
 from __future__ import annotations
@@ -10,17 +12,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+import secrets
 from collections.abc import Mapping
 from typing import Any
 
-# DICOM-style patient and study identifiers (attribute keywords, compared without case or separators).
-PATIENT_FIELDS = (
-    "patientname", "patientid", "patientbirthdate", "patientbirthtime", "patientsex", "patientage",
-    "patientaddress", "patientweight", "patientsize", "patienttelephonenumbers", "otherpatientids",
-    "otherpatientnames", "patientmothersbirthname", "medicalrecordlocator", "accessionnumber",
-    "institutionname", "institutionaddress", "referringphysicianname", "performingphysicianname",
-    "studyinstanceuid", "seriesinstanceuid", "sopinstanceuid", "studyid", "studydate",
-)
+from imgfeat.config.phi import PATIENT_FIELDS  # patient/study attribute keywords, lower case, no separators
+
 MAX_VALUE_CHARS = 500  # longer values could smuggle image bytes (base64) or feature dumps
 
 
@@ -73,10 +70,33 @@ FILE_COLUMNS = ("path", "relpath", "filename", "file", "origin", "uri", "imageid
 _FILE_LIKE = re.compile(r"[/\\]|\.(jpe?g|png|dcm|dicom|nii|gz|tiff?|bmp|webp)$", re.IGNORECASE)
 
 
+def configured_salt(configured: str | None) -> str | None:
+    """The user's secret: ``privacy.id_salt``, else $IMGFEAT_ID_SALT, else None."""
+    from imgfeat.io.groups import id_salt
+
+    return id_salt(configured)
+
+
+def run_salt(configured: str | None) -> str:
+    """The secret that keys this run's ids: the user's (ids then compare across runs and map back for its
+    owner), else a random one for this run only, never logged or stored (ids then link within the run only)."""
+    return configured_salt(configured) or secrets.token_hex(32)
+
+
+def keyed_id(text: str, salt: str, chars: int = 24) -> str:
+    """HMAC-SHA256(salt, text), the first ``chars`` hex characters: stable for one secret, unlinkable without it."""
+    return hmac.new(salt.encode("utf-8"), text.encode("utf-8"), hashlib.sha256).hexdigest()[:chars]
+
+
 def artifact_ids(image_ids: list[str], salt: str) -> list[str]:
-    """HMAC-SHA256(salt, image_id), 24 hex characters: stable for one secret, unlinkable without it."""
-    key = salt.encode("utf-8")
-    return [hmac.new(key, i.encode("utf-8"), hashlib.sha256).hexdigest()[:24] for i in image_ids]
+    """``keyed_id`` of each image id (24 hex characters)."""
+    return [keyed_id(i, salt) for i in image_ids]
+
+
+def dataset_name(configured: str | None, location: str, salt: str) -> str:
+    """The runs' "dataset" tag and name: ``train.dataset`` when the user gave one, else ``features-`` and a keyed
+    hash of the table's location (a folder name may name a patient, a ward or a hospital)."""
+    return configured or f"features-{keyed_id(location.rstrip('/'), salt, 12)}"
 
 
 def set_digest(image_ids: list[str]) -> str:
