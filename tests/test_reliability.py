@@ -166,7 +166,9 @@ def test_parquet_swap_interrupted_midway_is_recovered(spark, folder, tmp_path):
     again = run_extract(spark, cfg)
     assert again.processed == 0
     assert _snapshot(spark, cfg.output.path) == before
-    assert not glob.glob(cfg.output.path + ".imgfeat-*")
+    # Nothing left beside the table but its (empty) folder of writer leases.
+    assert glob.glob(cfg.output.path + ".imgfeat-*") == [cfg.output.path + ".imgfeat-leases"]
+    assert not os.listdir(cfg.output.path + ".imgfeat-leases")
 
 
 def test_leftover_temporary_of_a_killed_append_is_never_committed(spark, folder, tmp_path):
@@ -227,7 +229,7 @@ def test_killed_job_leaves_previous_table_unchanged_and_rerun_completes(spark, f
     added = _add_images(folder.root, 60, seed=12)
     hold = tmp_path / "hold"
     hold.mkdir()
-    temporary = os.path.join(cfg.output.path, "_temporary")
+    temporary = cfg.output.path + ".imgfeat-staging-*/_temporary"  # the run writes to its own staging folder
     # Without adaptive execution the whole write (its featurizing stage included) is one Spark job that
     # sets up its commit (_temporary) first; tasks of partitions other than 0 are held, so the job
     # process is killed mid-write, deterministically.
@@ -239,12 +241,12 @@ def test_killed_job_leaves_previous_table_unchanged_and_rerun_completes(spark, f
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:
-        _wait_for(lambda: os.path.isdir(temporary) and glob.glob(str(hold / "started-p[1-9]*")), "the write", proc)
+        _wait_for(lambda: glob.glob(temporary) and glob.glob(str(hold / "started-p[1-9]*")), "the write", proc)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    assert os.path.isdir(temporary)  # the killed write's uncommitted state is still there ...
+    assert glob.glob(temporary)  # the killed write's uncommitted state is still there ...
     assert _snapshot(spark, cfg.output.path) == before  # ... and the table reads exactly as before
 
     again = run_extract(spark, cfg)
@@ -252,4 +254,5 @@ def test_killed_job_leaves_previous_table_unchanged_and_rerun_completes(spark, f
     feats, errors = _tables(spark, cfg)
     assert feats["path"].is_unique and len(feats) + len(errors) == first.listed + len(added)
     assert {"file:" + p for p in added} <= set(feats["path"])
-    assert not os.path.exists(temporary)
+    # The killed run's lease died with its process: the re-run was not refused, and removed its staging folder.
+    assert not glob.glob(cfg.output.path + ".imgfeat-staging-*")

@@ -24,6 +24,8 @@ class LabelConfig:
     # CSV with header "path,label" (path absolute, or relative to input.path); implies mode=manifest.
     manifest: str | None = None
     # mode=dicom_tag: the DICOM attribute keyword whose value is the label (e.g. StudyDescription, BodyPartExamined).
+    # Patient/study identifiers (PatientName, PatientID, AccessionNumber, StudyInstanceUID, ...: config/phi.py)
+    # are refused: labels are logged to MLflow.
     dicom_tag: str | None = None
 
     @property
@@ -107,6 +109,9 @@ class PreprocessConfig:
     # Volumes (multi-frame DICOM, NIfTI): middle (the middle axial slice) | mip (maximum intensity projection) |
     # slices:N (N evenly spaced axial slices, one row each, with slice_index).
     volume: str = "middle"
+    # Wall-clock seconds one file may take to decode; past it the file is a timed_out error row and the worker goes
+    # on (0 = no limit). Not recorded with the rows: it never changes the pixels.
+    decode_timeout_s: float = 60.0
 
 
 @dataclass
@@ -123,6 +128,9 @@ class InferenceConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     # Rows per Arrow batch handed to the UDF (images are large rows).
     arrow_batch_rows: int = 64
+    # Bytes per Arrow batch (Spark 4+: spark.sql.execution.arrow.maxBytesPerBatch, 1..2^31-1): a batch closes once
+    # it reaches this, so it holds at most this plus one file, not arrow_batch_rows x input.max_file_bytes.
+    arrow_batch_bytes: int = 256 * 1024 * 1024
     # Images per featurizing read task (0 = auto: 512 on CPUs, 8192 where tasks get GPUs): tasks of this size, in a
     # multiple of the task slots, finishing together; each task pays a fixed set-up (docs/clusters.md).
     images_per_task: int = 0
@@ -149,6 +157,11 @@ class OutputConfig:
     mode: Literal["incremental", "overwrite"] = "incremental"
     # Also store a float16 copy of the features (half the size).
     float16_column: bool = False
+    # A writing run's lease on a table expires this long after its last heartbeat (sent every ~10 s): then other
+    # runs may remove what it left. Same-backbone writers are refused while a lease is live.
+    lease_timeout_s: float = 120.0
+    # Folder for the writers' leases of tables named catalog.schema.table (null: spark.sql.warehouse.dir).
+    lease_dir: str | None = None
 
 
 @dataclass
@@ -209,6 +222,8 @@ class ValidityConfig:
     allow_group_overlap: bool = False
     # Refuse exact duplicates (same file content) across train and test; --allow-duplicates.
     allow_duplicates: bool = False
+    # Refuse identical files (same content) with differing labels, in train and finetune; --allow-label-conflicts.
+    allow_label_conflicts: bool = False
     # Near duplicates: perceptual hashes at most this many bits apart (of 256; on Kermany, re-encoded copies were
     # <= 6 bits apart and distinct X-rays >= 42).
     near_duplicate_bits: int = 12
@@ -246,7 +261,7 @@ class TrainConfig:
     register: str | None = None
     # Metric that picks the best run (for register and compare): any test_* metric name.
     select_metric: str = "test_f1_macro"
-    # Tag "dataset" of the runs; null = the features table's name.
+    # Tag "dataset" of the runs; null = "features-" + a keyed hash of the table's location (never its name).
     dataset: str | None = None
     params: HeadParamsConfig = field(default_factory=HeadParamsConfig)
     grid: GridConfig = field(default_factory=GridConfig)
@@ -310,8 +325,19 @@ class ServeConfig:
     port: int = 8000
     # Uploads larger than this are refused with 413 before they are read.
     max_upload_mb: float = 50.0
-    # Requests allowed to wait while the model scores another; further ones get 503 (bounded memory).
+    # Requests admitted besides the one being scored (reading their body or waiting for the model), counted from
+    # before their body is read; further ones get 503 (bounded memory).
     max_waiting: int = 32
+    # Images admitted at once (being read, waiting or scored; a multipart upload counts its files); more: 503.
+    max_images: int = 64
+    # Seconds from admission to answer; then 504 and the request is dropped (the model thread skips it).
+    request_timeout_s: float = 60.0
+    # Seconds a client has to send a whole request body; a slower one gets 408.
+    body_timeout_s: float = 60.0
+    # Connections and requests uvicorn serves at once; more get 503 from uvicorn.
+    limit_concurrency: int = 100
+    # Seconds an idle keep-alive connection stays open.
+    keep_alive_s: float = 5.0
     # Framework threads for the model (0 = all cores).
     threads: int = 0
 
@@ -325,9 +351,10 @@ class MlflowConfig:
 
 @dataclass
 class PrivacyConfig:
-    # Secret mixed (HMAC-SHA256) into the image ids that MLflow artifacts carry (the held-out images list), so
-    # that ids cannot be recovered by hashing guessed file names (which often hold patient numbers). Also read
-    # from $IMGFEAT_ID_SALT; never logged. Unset: no per-image ids are logged, only a digest of the test set.
+    # Secret mixed (HMAC-SHA256) into every id that MLflow artifacts and tags carry (held-out images, audit files
+    # and groups, the dataset name), so that ids cannot be recovered by hashing guessed file names (which often
+    # hold patient numbers). Also read from $IMGFEAT_ID_SALT; never logged. Unset: a random secret per run (ids
+    # link within one run only) and no held-out images list, only a digest of the test set.
     id_salt: str | None = None
 
 

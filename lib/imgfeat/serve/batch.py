@@ -1,7 +1,7 @@
 """Batch prediction with a model logged by ``train``: image folder -> predictions table + errors table.
 
 Reuses extract's machinery: listing (``imgfeat.io.listing``), incremental planning, the featurizing UDF
-(so bad images get exactly extract's error classes), and ``imgfeat.store.tables.append_rows``. The
+(so bad images get exactly extract's error classes), and ``imgfeat.store.tables.append_rows`` under writer leases. The
 model's first stage (``ImageFeaturizer``) featurizes; its remaining stages (head + label converter)
 score the images that decoded. Rows are keyed by (path, model = what the model URI resolves to, weights_id).
 """
@@ -166,117 +166,162 @@ def _column_name(label: str) -> str:
     return "probability_" + re.sub(r"\W", "_", label)
 
 
-def run_predict(spark: SparkSession, cfg: Config) -> PredictResult:
-    """Score every image under ``input.path`` with ``predict.model_uri``; write predictions and errors."""
-    from pyspark import StorageLevel
-    from pyspark.ml.functions import array_to_vector, vector_to_array
-    from pyspark.sql import functions as F
+@dataclass
+class _Scoring:
+    """What a predict run fixes before it reads the tables."""
 
-    from imgfeat.featurize.extract import (
-        broadcast_weights,
-        existing_keys,
-        featurize_contents,
-        featurize_spec,
-        plan_work,
-        replace_keys,
-        unread_errors,
-    )
-    from imgfeat.io.listing import (
-        broadcast_if_small,
-        list_files,
-        listing_settings,
-        other_file_lengths,
-        read_contents,
-        read_task_settings,
-    )
-    from imgfeat.session import sql_conf
-    from imgfeat.store.tables import append_rows, drop_scratch, read_table, resolve_format
+    ref: ModelRef
+    featurizer: Any
+    head: Any
+    labels: list[str]
+    spec: Any
+    weights_id: str
+    weights_broadcast: Any
+    fmt: str
+    run_id: str
+    leases: Any  # RunLeases
+
+
+def run_predict(spark: SparkSession, cfg: Config) -> PredictResult:
+    """Score every image under ``input.path`` with ``predict.model_uri``; write predictions and errors.
+
+    The run holds writer leases on both tables throughout: a second run of the same model on them is refused."""
+    from imgfeat.featurize.extract import broadcast_weights, featurize_spec, run_leases
+    from imgfeat.store.tables import resolve_format
 
     if not cfg.output.path:
         raise ValueError("no output location: pass --output PATH (or set output.path) for the predictions table")
     started = time.time()
     featurizer, head, labels = load_scoring_model(cfg)
     ref = resolve_model(cfg.predict.model_uri or "")
-    uri = ref.key  # rows are keyed by what the URI resolves to now
     source = featurizer.weights_source()
-    weights_id = source.weights_id
-    fcfg = _featurize_config(cfg, featurizer)
-    spec = featurize_spec(spark, fcfg, source)
+    spec = featurize_spec(spark, _featurize_config(cfg, featurizer), source)
     weights_broadcast = broadcast_weights(spark, source)
     fmt = resolve_format(spark, cfg.output.format)
     run_id = uuid.uuid4().hex[:12]
+    # rows are keyed by what the URI resolves to now (ref.key)
+    with run_leases(spark, cfg, fmt, run_id, ref.key, source.weights_id, "predict") as leases:
+        scoring = _Scoring(ref, featurizer, head, labels, spec, source.weights_id, weights_broadcast, fmt, run_id, leases)
+        return _predict(spark, cfg, scoring, started)
+
+
+def _predict(spark: SparkSession, cfg: Config, s: _Scoring, started: float) -> PredictResult:
+    from pyspark import StorageLevel
+
+    from imgfeat.featurize.extract import existing_keys, plan_work
+    from imgfeat.io.listing import list_files, listing_settings
+    from imgfeat.session import sql_conf
+    from imgfeat.store.tables import check_replace_supported, drop_scratch, table_locks
 
     images, others = list_files(spark, cfg)
     images = images.persist(StorageLevel.MEMORY_AND_DISK)
     with sql_conf(spark, listing_settings(spark)):  # the scans that list, in one task per core
         n_listed = images.count()
-    existing = existing_keys(spark, cfg, fmt, weights_id, model=uri)
-    scratch = f"todo-{run_id}"
-    todo, n_todo, replace, n_replaced = plan_work(spark, images, existing, cfg.output.mode, cfg.output.path, scratch,
-                                                    n_listed)
-    meta = [F.lit(uri).alias("model"), F.lit(ref.uri).alias("model_uri"),
-            F.lit(ref.version).cast("string").alias("model_version"), F.lit(ref.run_id).alias("model_run_id"),
-            F.lit(weights_id).alias("weights_id"), F.lit(run_id).alias("run_id"),
-            F.current_timestamp().alias("predicted_at")]
-    fingerprint = ["file_length", "file_modification_time"]
+    existing = existing_keys(spark, cfg, s.fmt, s.weights_id, model=s.ref.key, leases=s.leases)
+    tables = [cfg.output.path or "", cfg.errors_path or ""]
+    with table_locks(spark, tables, s.fmt, s.leases):  # no other run swaps a table while the plan reads it
+        todo, n_todo, replace, n_replaced = plan_work(spark, images, existing, cfg.output.mode, tables[0], s.run_id,
+                                                        n_listed)
+    if replace is not None:
+        for location in tables:
+            check_replace_supported(spark, location, s.fmt)
     predicted = failed = 0
     counts: dict[str, int] = {}
     if n_todo:
-        # Only a scan of the whole folder needs the other files' lengths; taken before the read starts, since a scan
-        # of them later would fail on a file deleted meanwhile.
-        with sql_conf(spark, listing_settings(spark)):
-            other_lengths = other_file_lengths(others) if n_todo == n_listed else None
-        contents = read_contents(spark, cfg, todo, n_todo, n_listed)
-        read_settings = read_task_settings(spark, cfg, todo, n_todo, n_listed, other_lengths)
-        rows = featurize_contents(
-            contents.select("path", "content", F.col("length").alias("file_length"),
-                            F.col("modificationTime").alias("file_modification_time"))
-            .join(broadcast_if_small(todo.drop(*fingerprint), n_todo), on="path", how="inner"),
-            spec,
-            weights_broadcast,
-        )
-        rows = rows.persist(StorageLevel.MEMORY_AND_DISK)
-        ok = rows.filter(F.col("error_class").isNull()).withColumn("features", array_to_vector(F.col("features")))
-        scored = head.transform(ok)
-        prob_cols = []
-        if "probability" in scored.columns:
-            scored = scored.withColumn("probability", vector_to_array(F.col("probability")))
-            if cfg.predict.probability_columns:
-                prob_cols = [F.col("probability")[i].alias(_column_name(lab)) for i, lab in enumerate(labels)]
-        else:
-            scored = scored.withColumn("probability", F.lit(None).cast("array<double>"))
-        prediction_rows = scored.select(
-            "image_id", "path", "rel_path", "label", "slice_index", "prediction", "probability", *prob_cols, *meta,
-            *fingerprint
-        )
-        unread = unread_errors(todo, rows, cfg.input.max_file_bytes)  # the persisted rows: no second scan
-        error_cols = ["image_id", "path", "rel_path", "label", "split", "error_class", "error_message", *fingerprint]
-        error_rows = (
-            rows.filter(F.col("error_class").isNotNull()).select(*error_cols)
-            .unionByName(unread.select(*error_cols))
-            .select(*error_cols[:5], *meta, *error_cols[5:])
-        )
-        keys = replace_keys(replace, uri, weights_id)
-        # One pass, in read tasks that finish together: as extract's features write.
-        with sql_conf(spark, {"spark.sql.adaptive.enabled": "false", **read_settings}):
-            append_rows(spark, prediction_rows, cfg.output.path, fmt, replace=keys)
-        append_rows(spark, error_rows, cfg.errors_path, fmt, replace=keys)
-        failed = rows.filter(F.col("error_class").isNotNull()).select("path").distinct().count() + unread.count()
-        decoded = rows.filter(F.col("error_class").isNull())
-        predicted = decoded.select("path").distinct().count()  # files; a volume gives one row per slice
-        n_prediction_rows = decoded.count()
-        # Count what was written (not what was planned): every decoded image must have its prediction row.
-        out = read_table(spark, cfg.output.path, fmt).filter((F.col("model") == uri) & (F.col("run_id") == run_id))
-        counts = {r["prediction"]: r["n"] for r in out.groupBy("prediction").agg(F.count("*").alias("n")).collect()}
-        if sum(counts.values()) != n_prediction_rows:
-            raise RuntimeError(f"accounting mismatch: {n_prediction_rows} images decoded but {sum(counts.values())} predictions written")
-        rows.unpersist()
+        predicted, failed, counts = _score_and_write(spark, cfg, s, todo, n_todo, n_listed, others, replace)
     images.unpersist()
-    drop_scratch(spark, cfg.output.path, scratch)
+    drop_scratch(spark, cfg.output.path, s.run_id)
     if predicted + failed != n_todo:
         raise RuntimeError(f"accounting mismatch: {n_todo} files to process but {predicted} predicted + {failed} failed")
     return PredictResult(
-        model_uri=ref.uri, model_key=ref.key, model_version=ref.version, listed=n_listed, already_done=n_listed - n_todo, processed=n_todo, predicted=predicted,
-        failed=failed, replaced=n_replaced, predictions_path=cfg.output.path, errors_path=cfg.errors_path or "",
-        format=fmt, labels=labels, predicted_counts=counts, seconds=round(time.time() - started, 2),
+        model_uri=s.ref.uri, model_key=s.ref.key, model_version=s.ref.version, listed=n_listed,
+        already_done=n_listed - n_todo, processed=n_todo, predicted=predicted, failed=failed, replaced=n_replaced,
+        predictions_path=cfg.output.path or "", errors_path=cfg.errors_path or "", format=s.fmt, labels=s.labels,
+        predicted_counts=counts, seconds=round(time.time() - started, 2),
     )
+
+
+def _score_and_write(spark: SparkSession, cfg: Config, s: _Scoring, todo: Any, n_todo: int, n_listed: int,
+                     others: Any, replace: Any) -> tuple[int, int, dict[str, int]]:
+    """Featurize and score the planned files, append predictions and errors: (predicted, failed, class counts)."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    from imgfeat.featurize.extract import featurize_contents, replace_keys, unread_errors
+    from imgfeat.io.listing import (
+        broadcast_if_small,
+        listing_settings,
+        other_file_lengths,
+        read_contents,
+        read_task_settings,
+    )
+    from imgfeat.session import sql_conf
+    from imgfeat.store.tables import append_rows, read_table, table_locks
+
+    fingerprint = ["file_length", "file_modification_time"]
+    # Only a scan of the whole folder needs the other files' lengths; taken before the read starts, since a scan
+    # of them later would fail on a file deleted meanwhile.
+    with sql_conf(spark, listing_settings(spark)):
+        other_lengths = other_file_lengths(others) if n_todo == n_listed else None
+    contents = read_contents(spark, cfg, todo, n_todo, n_listed)
+    read_settings = read_task_settings(spark, cfg, todo, n_todo, n_listed, other_lengths)
+    rows = featurize_contents(
+        contents.select("path", "content", F.col("length").alias("file_length"),
+                        F.col("modificationTime").alias("file_modification_time"))
+        .join(broadcast_if_small(todo.drop(*fingerprint), n_todo), on="path", how="inner"),
+        s.spec,
+        s.weights_broadcast,
+    )
+    rows = rows.persist(StorageLevel.MEMORY_AND_DISK)
+    unread = unread_errors(todo, rows, cfg.input.max_file_bytes)  # the persisted rows: no second scan
+    prediction_rows, error_rows = _output_rows(cfg, s, rows, unread)
+    keys = replace_keys(replace, s.ref.key, s.weights_id)
+    # One pass, in read tasks that finish together: as extract's features write.
+    with sql_conf(spark, {"spark.sql.adaptive.enabled": "false", **read_settings}):
+        append_rows(spark, prediction_rows, cfg.output.path, s.fmt, replace=keys, lease=s.leases[cfg.output.path])
+    append_rows(spark, error_rows, cfg.errors_path, s.fmt, replace=keys, lease=s.leases[cfg.errors_path])
+    failed = rows.filter(F.col("error_class").isNotNull()).select("path").distinct().count() + unread.count()
+    decoded = rows.filter(F.col("error_class").isNull())
+    predicted = decoded.select("path").distinct().count()  # files; a volume gives one row per slice
+    n_prediction_rows = decoded.count()
+    # Count what was written (not what was planned): every decoded image must have its prediction row. Under the
+    # commit lock: no other run swaps the table while it is read.
+    with table_locks(spark, [cfg.output.path or ""], s.fmt, s.leases):
+        out = read_table(spark, cfg.output.path, s.fmt).filter((F.col("model") == s.ref.key) & (F.col("run_id") == s.run_id))
+        counts = {r["prediction"]: r["n"] for r in out.groupBy("prediction").agg(F.count("*").alias("n")).collect()}
+    if sum(counts.values()) != n_prediction_rows:
+        raise RuntimeError(f"accounting mismatch: {n_prediction_rows} images decoded but {sum(counts.values())} predictions written")
+    rows.unpersist()
+    return predicted, failed, counts
+
+
+def _output_rows(cfg: Config, s: _Scoring, rows: Any, unread: Any) -> tuple[Any, Any]:
+    """(predictions table rows, errors table rows): the decoded rows scored by the head, and the failures."""
+    from pyspark.ml.functions import array_to_vector, vector_to_array
+    from pyspark.sql import functions as F
+
+    fingerprint = ["file_length", "file_modification_time"]
+    meta = [F.lit(s.ref.key).alias("model"), F.lit(s.ref.uri).alias("model_uri"),
+            F.lit(s.ref.version).cast("string").alias("model_version"), F.lit(s.ref.run_id).alias("model_run_id"),
+            F.lit(s.weights_id).alias("weights_id"), F.lit(s.run_id).alias("run_id"),
+            F.current_timestamp().alias("predicted_at")]
+    ok = rows.filter(F.col("error_class").isNull()).withColumn("features", array_to_vector(F.col("features")))
+    scored = s.head.transform(ok)
+    prob_cols = []
+    if "probability" in scored.columns:
+        scored = scored.withColumn("probability", vector_to_array(F.col("probability")))
+        if cfg.predict.probability_columns:
+            prob_cols = [F.col("probability")[i].alias(_column_name(lab)) for i, lab in enumerate(s.labels)]
+    else:
+        scored = scored.withColumn("probability", F.lit(None).cast("array<double>"))
+    prediction_rows = scored.select(
+        "image_id", "path", "rel_path", "label", "slice_index", "prediction", "probability", *prob_cols, *meta,
+        *fingerprint
+    )
+    error_cols = ["image_id", "path", "rel_path", "label", "split", "error_class", "error_message", *fingerprint]
+    error_rows = (
+        rows.filter(F.col("error_class").isNotNull()).select(*error_cols)
+        .unionByName(unread.select(*error_cols))
+        .select(*error_cols[:5], *meta, *error_cols[5:])
+    )
+    return prediction_rows, error_rows

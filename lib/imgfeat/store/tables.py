@@ -2,49 +2,53 @@
 
 A table location is a path (``/data/features``, ``dbfs:/...``, ``s3://...``) or, for Delta, a
 Unity Catalog / metastore name (``catalog.schema.table``).
+
+Several runs may write one table at once (e.g. two backbones): each holds a writer lease on it (``store.lease``).
+A Parquet append writes to a staging folder of its own beside the table, then moves its part files (unique names)
+in under the table's commit lock; a replace writes its new rows to staging first, then, under the lock, rewrites
+the table with them and swaps it in. ``repair`` removes only what runs without a live lease left. Delta commits
+through its log (``store.delta_commit``).
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING
 
 from imgfeat.session import delta_available
+from imgfeat.store import delta_commit
+from imgfeat.store.lease import TableLease, own_lease
+from imgfeat.store.paths import (
+    escape_glob,
+    is_object_store,
+    is_table_name,
+    location_in,
+    run_folder,
+    run_folders,
+    scheme_of,
+    scratch_table,
+    scratch_table_owner,
+)
+from imgfeat.store.paths import hadoop_fs as _hadoop_fs
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
     from pyspark.sql.types import StructType
 
+    from imgfeat.store.lease import RunLeases
+
 log = logging.getLogger(__name__)
 
 KEY_COLUMNS = ["path", "model", "weights_id"]
+__all__ = ["KEY_COLUMNS", "StorageError", "append_rows", "check_replace_supported", "drop_scratch", "is_table_name",
+           "location_in", "materialize", "read_table", "repair", "resolve_format", "table_exists", "table_locks"]
 
 
 class StorageError(RuntimeError):
     """A table cannot be written or read in the requested format."""
-
-
-def is_table_name(location: str) -> bool:
-    """``catalog.schema.table`` or ``schema.table`` (no slash, no scheme)."""
-    return bool(re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_`][\w`]*){1,2}", location))
-
-
-def location_in(root: str, name: str) -> str:
-    """A table ``name`` under an output root: ``catalog.schema`` -> ``catalog.schema.name``; a folder -> ``folder/name``.
-
-    A root with one dot and no slash or scheme is read as a Unity Catalog (or metastore) ``catalog.schema``;
-    write ``./out.v2`` for a local folder with a dot in its name.
-    """
-    root = root.strip()
-    if not root:
-        raise ValueError("empty output root: give a folder (dbfs:/..., /Volumes/..., s3://...) or catalog.schema")
-    if is_table_name(root):
-        if root.count(".") != 1:
-            raise ValueError(f"output root {root!r} looks like a table name; give catalog.schema (one dot) or a folder")
-        return f"{root}.{name}"
-    return f"{root.rstrip('/')}/{name}"
 
 
 def resolve_format(spark: SparkSession, requested: str) -> str:
@@ -66,12 +70,6 @@ def resolve_format(spark: SparkSession, requested: str) -> str:
     return requested
 
 
-def _hadoop_fs(spark: SparkSession, location: str):
-    jvm = spark.sparkContext._jvm  # type: ignore[union-attr]
-    jpath = jvm.org.apache.hadoop.fs.Path(location)
-    return jpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()), jpath  # type: ignore[union-attr]
-
-
 def table_exists(spark: SparkSession, location: str, fmt: str) -> bool:
     if is_table_name(location):
         return bool(spark.catalog.tableExists(location))
@@ -87,7 +85,9 @@ def read_table(spark: SparkSession, location: str, fmt: str) -> DataFrame:
     if is_table_name(location):
         return spark.table(location)
     # Tables written by older versions lack newer columns (e.g. preprocess): read the union of the schemas.
-    return spark.read.format(fmt).option("mergeSchema", "true").load(location)
+    # Spark's file sources expand globs in the paths they read: escaped, a folder named "out[1]" means itself.
+    path = location if fmt == "delta" else escape_glob(location)
+    return spark.read.format(fmt).option("mergeSchema", "true").load(path)
 
 
 def parquet_write_options(schema: StructType) -> dict[str, str]:
@@ -118,54 +118,112 @@ def _writer(df: DataFrame, fmt: str, mode: str):
     return writer
 
 
-def _write(df: DataFrame, location: str, fmt: str, mode: str) -> None:
-    writer = _writer(df, fmt, mode)
-    if fmt == "delta" and mode == "append":
-        writer = writer.option("mergeSchema", "true")  # a newer version may add columns
-    if is_table_name(location):
-        writer.saveAsTable(location)
-    else:
-        writer.save(location)
+def _needs_lock(location: str, fmt: str) -> bool:
+    """Only Parquet folders: Delta commits through its log, and a Parquet table name has one writer at a time."""
+    return fmt == "parquet" and not is_table_name(location)
+
+
+@contextmanager
+def table_locks(spark: SparkSession, locations: list[str], fmt: str, leases: RunLeases | None) -> Iterator[None]:
+    """Hold the commit locks of ``locations`` (in a fixed order, so runs never wait on each other in a circle),
+    e.g. while reading tables that another run might swap meanwhile. Nothing to hold without leases or for Delta."""
+    with ExitStack() as stack:
+        held = [leases[loc] for loc in dict.fromkeys(locations) if leases is not None and _needs_lock(loc, fmt)]
+        for lease in sorted(held, key=lambda item: item.folder):
+            stack.enter_context(lease.lock())
+        yield
+
+
+def check_replace_supported(spark: SparkSession | None, location: str, fmt: str) -> None:
+    """Refuse to replace rows of a Parquet table on an object store, where the swap (two folder renames) would be
+    copies and deletes: a job killed in the middle could leave no complete table."""
+    if fmt == "parquet" and not is_table_name(location) and is_object_store(spark, location):
+        raise StorageError(
+            f"{location} is a Parquet table on an object store ({scheme_of(spark, location)}:), where renaming a folder "
+            "copies it: this run would replace rows (changed files, or --mode overwrite) by rewriting the table and "
+            "swapping it in, and a job killed mid-swap could lose the table. Write Delta (--format delta), or "
+            "recompute everything into a new --output with --mode overwrite. Appending new files stays possible.")
 
 
 def append_rows(
-    spark: SparkSession, df: DataFrame, location: str, fmt: str, replace: DataFrame | None = None
+    spark: SparkSession, df: DataFrame, location: str, fmt: str, replace: DataFrame | None = None,
+    lease: TableLease | None = None,
 ) -> None:
     """Append ``df``; first remove the rows whose (path, model, weights_id) are in ``replace``.
 
-    Delta: a DELETE then an append (each a transaction). Parquet: a plain append when nothing is
-    replaced; otherwise the table is rewritten to a staging folder and swapped in, so readers never
-    see a half-written table.
+    ``lease``: the writing run's lease on ``location`` (a short-lived one is taken without it). Delta: one commit
+    (``store.delta_commit``; a replace needs ``df``'s ``run_id`` column to be the lease's run id). Parquet: ``df``
+    is written to a staging folder of this run (computing it, outside any lock), then, under the commit lock,
+    its files are moved into the table, or, to replace rows, the table is rewritten to another staging folder
+    with them and swapped in, so readers never see a half-written table and no other run's rows are lost.
     """
-    if replace is None or not table_exists(spark, location, fmt):
-        _write(df, location, fmt, "append")
-        return
+    if replace is not None:
+        check_replace_supported(spark, location, fmt)
     if fmt == "delta":
-        from delta.tables import DeltaTable
-
-        table = DeltaTable.forName(spark, location) if is_table_name(location) else DeltaTable.forPath(spark, location)
-        (
-            table.alias("t")
-            .merge(replace.alias("r"), " AND ".join(f"t.{c} = r.{c}" for c in KEY_COLUMNS))
-            .whenMatchedDelete()
-            .execute()
-        )
-        _write(df, location, fmt, "append")
+        exists = table_exists(spark, location, fmt)
+        delta_commit.write(df, location, lambda rows, mode: _writer(rows, fmt, mode), is_table_name(location),
+                           replace if exists else None, lease.run_id if lease is not None else None)
         return
     if is_table_name(location):
-        raise StorageError(f"{location!r} is a table name: replacing rows needs Delta (use a path for Parquet)")
-    kept = read_table(spark, location, fmt).join(replace.select(*KEY_COLUMNS), on=KEY_COLUMNS, how="left_anti")
-    staging = f"{location.rstrip('/')}.imgfeat-staging-{uuid.uuid4().hex[:8]}"
-    merged = kept.unionByName(df, allowMissingColumns=True)
-    _writer(merged, fmt, "overwrite").save(staging)
-    _swap(spark, staging, location)
+        if replace is not None and table_exists(spark, location, fmt):
+            raise StorageError(f"{location!r} is a table name: replacing rows needs Delta (use a path for Parquet)")
+        _writer(df, fmt, "append").saveAsTable(location)
+        return
+    with own_lease(spark, location, lease) as own:
+        staged = run_folder(location, "staging", own.run_id, uuid.uuid4().hex[:8])
+        try:
+            _writer(df, fmt, "overwrite").save(staged)
+            with own.lock():
+                own.check_held()  # a run presumed dead must not commit: its staging may be gone
+                if replace is None or not table_exists(spark, location, fmt):
+                    _move_parts(spark, staged, location)
+                else:
+                    _rewrite(spark, staged, location, replace, own.run_id)
+        finally:
+            _delete(spark, staged)
 
 
-def _swap(spark: SparkSession, staging: str, location: str) -> None:
-    """Move ``staging`` into place of ``location``; the old table is kept until the new one is in."""
+def _delete(spark: SparkSession, location: str) -> None:
+    fs, path = _hadoop_fs(spark, location)
+    fs.delete(path, True)
+
+
+def _move_parts(spark: SparkSession, staged: str, location: str) -> None:
+    """Move the data files of ``staged`` into the table (created if needed). Spark's part-file names hold the
+    write job's UUID, so they never collide with the table's; a run that dies midway leaves some of its files in
+    the table (those files' images are done) and the others in its staging folder (``repair`` removes it)."""
+    fs, target = _hadoop_fs(spark, location)
+    _, source = _hadoop_fs(spark, staged)
+    jvm = spark.sparkContext._jvm  # type: ignore[union-attr]
+    files = [s.getPath() for s in fs.listStatus(source) if not s.getPath().getName().startswith(("_", "."))]
+    fs.mkdirs(target)
+    for moved, path in enumerate(files):
+        destination = jvm.org.apache.hadoop.fs.Path(target, path.getName())
+        if fs.exists(destination) or not fs.rename(path, destination):
+            raise StorageError(
+                f"could not move {path.getName()} into {location} ({moved} of {len(files)} files moved): the images "
+                "of the files not moved are not in the table, and the next run processes them again")
+
+
+def _rewrite(spark: SparkSession, staged: str, location: str, replace: DataFrame, run_id: str) -> None:
+    """The table without ``replace``'s keys, plus the staged rows, written to staging and swapped in."""
+    kept = read_table(spark, location, "parquet").join(replace.select(*KEY_COLUMNS), on=KEY_COLUMNS, how="left_anti")
+    merged = kept.unionByName(spark.read.parquet(escape_glob(staged)), allowMissingColumns=True)
+    rewritten = run_folder(location, "staging", run_id, "rewrite-" + uuid.uuid4().hex[:8])
+    try:
+        _writer(merged, "parquet", "overwrite").save(rewritten)
+        _swap(spark, rewritten, location, run_id)
+    finally:
+        _delete(spark, rewritten)  # gone after a swap; a failed rewrite's leftovers
+
+
+def _swap(spark: SparkSession, staging: str, location: str, run_id: str | None = None) -> None:
+    """Move ``staging`` into place of ``location``; the old table is kept until the new one is in.
+
+    Two folder renames: atomic on HDFS and local disks, which is why object stores are refused before this."""
     fs, target = _hadoop_fs(spark, location)
     _, new = _hadoop_fs(spark, staging)
-    _, old = _hadoop_fs(spark, f"{location.rstrip('/')}.imgfeat-old-{uuid.uuid4().hex[:8]}")
+    _, old = _hadoop_fs(spark, run_folder(location, "old", run_id or uuid.uuid4().hex[:12], uuid.uuid4().hex[:8]))
     if not fs.rename(target, old):
         raise StorageError(f"could not move {location} aside to replace it; the table is unchanged")
     if not fs.rename(new, target):
@@ -174,54 +232,87 @@ def _swap(spark: SparkSession, staging: str, location: str) -> None:
     fs.delete(old, True)
 
 
-def repair(spark: SparkSession, location: str, fmt: str) -> None:
-    """Undo what a killed writer left at a Parquet ``location``, before reading or writing it.
+def repair(spark: SparkSession, location: str, fmt: str, lease: TableLease | None = None) -> None:
+    """Undo what killed writers left beside ``location``, before reading or writing it; never what a live run
+    (one with a live lease, ``lease``'s own run included) is using.
 
     - killed inside ``_swap`` with the table moved aside: the previous table is moved back;
-    - a finished swap's old copy, or a staging folder never swapped in: deleted;
-    - ``_temporary`` of a killed append: deleted, because the next append's job commit would otherwise
-      move the dead job's committed task files into the table (Hadoop's FileOutputCommitter merges every
-      task folder it finds there), duplicating rows.
-
-    Assumes one writer per table at a time. Delta tables and table names need nothing: Delta commits
-    through its transaction log.
+    - a dead run's staging and scratch folders, and a finished swap's old copy: deleted;
+    - a table name's scratch tables of dead runs: dropped;
+    - ``<table>/_temporary`` (what a killed Spark write into the table itself leaves, e.g. by an older version):
+      deleted when no other run holds a lease, because the next such write's job commit would otherwise merge its
+      committed task files into the table (Hadoop's FileOutputCommitter), duplicating rows;
+    - expired leases: deleted.
+    On an object store an old copy is never moved or deleted (a folder rename there is a copy: neither copy may be
+    complete); it is named in a warning instead.
     """
-    if fmt != "parquet" or is_table_name(location):
-        return
+    with own_lease(spark, location, lease) as own:
+        if is_table_name(location):
+            _drop_dead_scratch_tables(spark, location, own.live_runs())
+        else:
+            with table_locks(spark, [location], fmt, {location: own}):  # type: ignore[arg-type]
+                _repair_path(spark, location, fmt, own)
+        own.remove_dead()
+
+
+def _repair_path(spark: SparkSession, location: str, fmt: str, own: TableLease) -> None:
     fs, target = _hadoop_fs(spark, location)
-    base = location.rstrip("/")
-    olds = sorted(fs.globStatus(_hadoop_fs(spark, base + ".imgfeat-old-*")[1]) or [], key=lambda st: st.getModificationTime())
-    if olds and not fs.exists(target):
+    live = own.live_runs()
+    dead = [f for f in run_folders(spark, location) if f.owner not in live]
+    olds = sorted((f for f in dead if f.kind == "old"), key=lambda f: f.mtime)
+    if olds and is_object_store(spark, location):
+        log.warning("%s was left beside %s by a replace interrupted on an object store; check which of it and the "
+                    "table is complete and put that one in place by hand (nothing was removed)", olds[-1].path, location)
+        dead = []
+    elif olds and not fs.exists(target):
         log.warning("restoring %s: a previous run was killed while replacing it", location)
-        if not fs.rename(olds[-1].getPath(), target):
-            raise StorageError(f"could not restore the previous table {olds[-1].getPath()} to {location}")
-        olds = olds[:-1]
-    leftovers = list(olds) + list(fs.globStatus(_hadoop_fs(spark, base + ".imgfeat-staging-*")[1]) or [])
-    for status in leftovers:
-        log.warning("removing %s, left by a killed run", status.getPath())
-        fs.delete(status.getPath(), True)
+        if not fs.rename(olds[-1].path, target):
+            raise StorageError(f"could not restore the previous table {olds[-1].path} to {location}")
+        dead.remove(olds[-1])
+    for folder in dead:
+        log.warning("removing %s, left by a run that is no longer running (%s)", folder.path, folder.owner)
+        fs.delete(folder.path, True)
     temporary = target.suffix("/_temporary")
-    if fs.exists(temporary):
-        log.warning("removing %s/_temporary, the uncommitted output of a killed run", location)
-        fs.delete(temporary, True)
+    if fmt == "parquet" and fs.exists(temporary):
+        if live - {own.run_id}:
+            log.info("leaving %s/_temporary: runs %s are writing the table", location, sorted(live - {own.run_id}))
+        else:
+            log.warning("removing %s/_temporary, the uncommitted output of a killed run", location)
+            fs.delete(temporary, True)
 
 
-def materialize(spark: SparkSession, df: DataFrame, location: str, tag: str) -> DataFrame:
+def _drop_dead_scratch_tables(spark: SparkSession, location: str, live: set[str]) -> None:
+    schema = location.rsplit(".", 1)[0]
+    try:
+        tables = [t.name for t in spark.catalog.listTables(schema)]
+    except Exception as exc:  # the schema may not exist yet
+        log.debug("cannot list the tables of %s: %s", schema, str(exc)[:200])
+        return
+    for name in tables:
+        owner = scratch_table_owner(location, name)
+        if owner is not None and owner not in live:
+            log.warning("dropping %s.%s, left by a run that is no longer running", schema, name)
+            spark.sql(f"DROP TABLE IF EXISTS {schema}.{name}")
+
+
+def materialize(spark: SparkSession, df: DataFrame, location: str, run_id: str, tag: str = "todo") -> DataFrame:
     """Freeze ``df`` so later plans never re-read what it was computed from (e.g. tables about to be replaced).
 
-    Written to a scratch Parquet folder beside ``location`` (``drop_scratch`` removes it; ``repair``
-    removes one a killed run left), so it survives the loss of executors, unlike ``localCheckpoint``.
-    For a table name there is no folder beside it: a local checkpoint is used.
+    Written beside ``location`` (a scratch folder, or for a table name a scratch table in its schema), named with
+    ``run_id`` so that ``repair`` removes it only once that run is gone (``drop_scratch`` removes it at the end of
+    the run). Unlike ``localCheckpoint``, it survives the loss of executors.
     """
     if is_table_name(location):
-        return df.localCheckpoint(eager=True)
-    scratch = f"{location.rstrip('/')}.imgfeat-staging-{tag}"
+        name = scratch_table(location, run_id, tag)
+        df.write.mode("overwrite").saveAsTable(name)
+        return spark.table(name)
+    scratch = run_folder(location, "scratch", run_id, tag)
     df.write.mode("overwrite").parquet(scratch)
-    return spark.read.parquet(scratch)
+    return spark.read.parquet(escape_glob(scratch))
 
 
-def drop_scratch(spark: SparkSession, location: str, tag: str) -> None:
-    if not is_table_name(location):
-        fs, scratch = _hadoop_fs(spark, f"{location.rstrip('/')}.imgfeat-staging-{tag}")
-        fs.delete(scratch, True)
-
+def drop_scratch(spark: SparkSession, location: str, run_id: str, tag: str = "todo") -> None:
+    if is_table_name(location):
+        spark.sql(f"DROP TABLE IF EXISTS {scratch_table(location, run_id, tag)}")
+    else:
+        _delete(spark, run_folder(location, "scratch", run_id, tag))
