@@ -24,6 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from imgfeat.demo.samples import dicom_bytes
 from imgfeat.io.decoders import ERROR_CLASSES, DecodedImage, DecodeError, DecodeOptions, decode_file, decode_or_error
 from imgfeat.io.decoders.budget import Inflater
 
@@ -114,12 +115,6 @@ def _dicom_dataset(pixels: np.ndarray, **attrs: object):
     return ds
 
 
-def _dicom_bytes(ds) -> bytes:
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
 def rle_frames_bomb(frames: int = 8, side: int = 2048) -> bytes:
     """``frames`` frames of ``side`` x ``side`` 8-bit pixels as RLE Lossless: ~0.5 MB holding 32 MB of pixels."""
     from pydicom.uid import RLELossless
@@ -128,12 +123,12 @@ def rle_frames_bomb(frames: int = 8, side: int = 2048) -> bytes:
     volume = np.stack([ramp + k for k in range(frames)])
     ds = _dicom_dataset(volume)
     ds.compress(RLELossless, volume)
-    return _dicom_bytes(ds)
+    return dicom_bytes(ds)
 
 
 def small_dicom(rows: int = 24, seed: int = 0, **attrs: object) -> bytes:
     pixels = np.random.default_rng(seed).integers(0, 4096, (rows, rows + 8)).astype(np.uint16)
-    return _dicom_bytes(_dicom_dataset(pixels, BitsStored=12, HighBit=11, **attrs))
+    return dicom_bytes(_dicom_dataset(pixels, BitsStored=12, HighBit=11, **attrs))
 
 
 def float_dicom_with_nan(rows: int = 32) -> bytes:
@@ -146,7 +141,7 @@ def float_dicom_with_nan(rows: int = 32) -> bytes:
     del ds.PixelData, ds.PixelRepresentation, ds.BitsStored, ds.HighBit
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = ParametricMapStorage
     ds.FloatPixelData = values.tobytes()
-    return _dicom_bytes(ds)
+    return dicom_bytes(ds)
 
 
 def overflowing_rescale_dicom() -> bytes:
@@ -262,7 +257,7 @@ def _warm_files(tmp_path) -> list[str]:
     buf = io.BytesIO()
     Image.fromarray(np.ones((8, 8), np.float32), "F").save(buf, "TIFF")
     paths = []
-    for name, data in (("warm.dcm", _dicom_bytes(ds)), ("warm.nii.gz", small_nifti()), ("warm.tif", buf.getvalue())):
+    for name, data in (("warm.dcm", dicom_bytes(ds)), ("warm.nii.gz", small_nifti()), ("warm.tif", buf.getvalue())):
         (tmp_path / name).write_bytes(data)
         paths.append(str(tmp_path / name))
     return paths
@@ -430,7 +425,7 @@ def test_dicom_decodes_only_the_chosen_frames_after_the_budget(monkeypatch):
 
     monkeypatch.setattr(pydicom.pixels, "pixel_array", spy)
     volume = np.stack([np.full((16, 24), 100 * k, np.uint16) for k in range(9)])
-    data = _dicom_bytes(_dicom_dataset(volume))
+    data = dicom_bytes(_dicom_dataset(volume))
     assert [i.slice_index for i in decode_file(data, DecodeOptions(size=8, volume="slices:3"))] == [0, 4, 8]
     assert decoded == [0, 4, 8]
     decoded.clear()
@@ -541,7 +536,7 @@ def _seeds() -> list[bytes]:
         out.append(buf.getvalue())
     rle = _dicom_dataset(np.stack([gray.astype(np.uint16) * k for k in range(1, 4)]))
     rle.compress(RLELossless)
-    return [*out, small_dicom(), _dicom_bytes(rle), small_nifti(gz=True), small_nifti(gz=False)]
+    return [*out, small_dicom(), dicom_bytes(rle), small_nifti(gz=True), small_nifti(gz=False)]
 
 
 @st.composite
