@@ -250,3 +250,30 @@ def findings_table(report: FindingsReport) -> Any:
         rows.append({**{c: "" for c in rows[0]}, "finding": name, "auc": cell(value, report.intervals[key])} if rows
                     else {"finding": name, "auc": cell(value, report.intervals[key])})
     return pd.DataFrame(rows)
+
+
+def plot_finding_rocs(targets: Targets, scores: np.ndarray, report: FindingsReport, title: str) -> Any:
+    """A matplotlib Figure: one ROC curve per finding with both classes in the test (AUC in the legend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 6))
+    for j, result in enumerate(report.findings):
+        if result.status != "ok":
+            continue
+        known = targets.mask[:, j]
+        positive, score = targets.y[known, j] > 0.5, np.asarray(scores, dtype=float)[known, j]
+        tp, fp, _ = _weighted_rates(positive, score, np.ones((1, len(score))))
+        tpr = np.r_[0.0, tp[0] / positive.sum()]
+        fpr = np.r_[0.0, fp[0] / (~positive).sum()]
+        ax.plot(fpr, tpr, lw=1.3, label=f"{result.name} ({result.metrics['auc']:.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    macro = "n/a" if report.macro_auc is None else f"{report.macro_auc:.3f}"
+    ax.set_title(f"{title}\nmacro AUC {macro} ({report.level} level)", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
