@@ -70,3 +70,15 @@ def test_registries_check_their_own_names():
         get_backbone("alexnet")
     with pytest.raises(ConfigError, match="train.heads: unknown head.*xgb"):
         check_heads(["lr", "xgb"])
+
+
+def test_the_renamed_tf_threads_setting_still_loads_with_a_warning(tmp_path):
+    f = tmp_path / "old.yaml"
+    f.write_text("inference: {tf_threads: 3}\n")
+    with pytest.warns(FutureWarning, match=r"'inference.tf_threads' \(from .*old.yaml\) is deprecated.*inference.threads"):
+        assert load_config([str(f)]).inference.threads == 3
+    with pytest.warns(FutureWarning, match="inference.tf_threads"):
+        assert load_config(sets=["inference.tf_threads=2"]).inference.threads == 2
+    with pytest.raises(ConfigError, match="inference.threads must be >= 0"), pytest.warns(FutureWarning):
+        load_config(sets=["inference.tf_threads=-1"])
+    assert load_config(sets=["inference.threads=4"]).inference.threads == 4

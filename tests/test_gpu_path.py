@@ -145,16 +145,16 @@ def test_prefetching_gives_the_same_rows_in_the_same_order(tiny):
 
 def test_nvjpeg_needs_cuda_and_applies_to_torch_backbones_only():
     from imgfeat.config.load import load_config
-    from imgfeat.featurize.extract import torch_only_settings
     from imgfeat.featurize.settings import settings_json
+    from imgfeat.featurize.spec import torch_only_settings
 
     backbone = get_backbone("tiny_torch")
     source = resolve_weights(backbone, "none")
     with pytest.raises(RuntimeError, match="nvjpeg needs a CUDA device"):
         get_predictor("tiny_torch", source, source.read_bytes, EngineOptions(device="cpu", jpeg_decoder="nvjpeg"))
     cfg = load_config(sets=["model.name=tiny", "inference.jpeg_decoder=nvjpeg", "inference.compile=true"])
-    assert torch_only_settings("keras", cfg) == ("pillow", False)
-    assert torch_only_settings("torch", cfg) == ("nvjpeg", True)
+    assert torch_only_settings("keras", cfg.inference) == ("pillow", False)
+    assert torch_only_settings("torch", cfg.inference) == ("nvjpeg", True)
     # recorded with the features (tables never mix the two decoders); Pillow tables keep their old record
     assert '"jpeg_decoder": "nvjpeg"' in settings_json(backbone, "torch", DecodeOptions(), "fp32", "nvjpeg")
     assert "jpeg_decoder" not in settings_json(backbone, "torch", DecodeOptions(), "fp32", "pillow")

@@ -20,7 +20,7 @@ def _listed(spark, folder, *sets):
     from imgfeat.config import load_config
     from imgfeat.io.listing import list_files
 
-    images, others = list_files(spark, load_config(overrides={"input.path": str(folder)}, sets=list(sets)))
+    images, others = list_files(spark, load_config(overrides={"input.path": str(folder)}, sets=list(sets)).input)
     name = lambda rows: sorted(r["path"].rsplit("/", 1)[-1] for r in rows)  # noqa: E731
     return images, name(images.collect()), name(others.collect())
 
@@ -79,7 +79,8 @@ def test_listing_scans_take_one_task_per_core_not_spark_s_packing_by_bytes(spark
     cluster's 4 MB open cost and 8 MB tasks, 40 files would be 20 listing tasks; under ``listing_settings``, one per
     core, with the same rows."""
     from imgfeat.config import load_config
-    from imgfeat.io.listing import label_report, listing_settings
+    from imgfeat.io.labels import label_report
+    from imgfeat.io.listing import listing_settings
     from imgfeat.session import sql_conf
 
     (tmp_path / "NORMAL").mkdir()
@@ -97,7 +98,7 @@ def test_listing_scans_take_one_task_per_core_not_spark_s_packing_by_bytes(spark
             images, listed, _ = _listed(spark, tmp_path)
             assert images.rdd.getNumPartitions() <= many - 20 + cores  # the scan's 20 tasks -> one per core
             cfg = load_config(overrides={"input.path": str(tmp_path)})
-            assert label_report(spark, cfg, images)["listed"] == 40
+            assert label_report(spark, cfg.input, images)["listed"] == 40
     assert listed == names and len(names) == 40
 
 
@@ -108,3 +109,21 @@ def test_listing_settings_are_left_to_spark_where_its_conf_is_out_of_reach():
         pass
 
     assert listing_settings(ConnectSession()) == {}
+
+
+def test_one_hash_gives_the_splits_their_old_buckets(spark):
+    """extract's split, train's unit order and fine-tuning's validation share all go through ``hash_bucket``: the
+    same values as the expressions each computed before."""
+    from pyspark.sql import functions as F
+
+    from imgfeat.io.splits import hash_bucket, split_unit
+
+    rows = spark.createDataFrame([(f"{i:024x}", None if i % 3 else f"p{i % 7}") for i in range(200)],
+                                 "image_id string, group_id string")
+    unit = F.coalesce(F.concat(F.lit("group:"), F.col("group_id")), F.col("image_id"))
+    old = F.pmod(F.xxhash64(F.lit(43), unit), F.lit(1_000_000)) / F.lit(1_000_000.0)
+    got = rows.select(hash_bucket(43, split_unit()).alias("new"), old.alias("old"),
+                      hash_bucket(42, F.col("image_id"), buckets=None).alias("raw"),
+                      F.xxhash64(F.lit(42), F.col("image_id")).alias("raw_old")).collect()
+    assert all(r["new"] == r["old"] and r["raw"] == r["raw_old"] for r in got)
+    assert len({r["new"] for r in got}) > 100 and all(0 <= r["new"] < 1 for r in got)

@@ -73,7 +73,8 @@ def test_extract_reads_in_tasks_that_finish_together(spark, tmp_path):
     ``inference.images_per_task`` images."""
     from PIL import Image
 
-    from imgfeat.io.listing import list_files, read_task_settings
+    from imgfeat.io.listing import list_files
+    from imgfeat.io.reading import read_task_settings
     from imgfeat.session import sql_conf
 
     from conftest import tiny_config
@@ -85,14 +86,14 @@ def test_extract_reads_in_tasks_that_finish_together(spark, tmp_path):
     cfg = tiny_config(str(tmp_path / "in"), str(tmp_path / "out"))
     with sql_conf(spark, {"spark.sql.files.maxPartitionBytes": str(9 * (1 << 20) - 1)}):
         assert makespan(_spark_task_sizes(spark, str(tmp_path / "in")), 2) == 27
-        images, _ = list_files(spark, cfg)
-        settings = read_task_settings(spark, cfg, images, 45, 45, [])
+        images, _ = list_files(spark, cfg.input)
+        settings = read_task_settings(spark, cfg.inference, images, 45, 45, [])
         with sql_conf(spark, settings):
             sizes = _spark_task_sizes(spark, str(tmp_path / "in"))
     assert len(sizes) % 2 == 0 and sum(sizes) == 45
     assert makespan(sizes, 2) == 24
     cfg.inference.images_per_task = 4  # 45 / 4 -> 12 tasks
-    with sql_conf(spark, read_task_settings(spark, cfg, images, 45, 45, [])):
+    with sql_conf(spark, read_task_settings(spark, cfg.inference, images, 45, 45, [])):
         sizes = _spark_task_sizes(spark, str(tmp_path / "in"))
     assert len(sizes) % 2 == 0 and 12 <= len(sizes) <= 16 and sum(sizes) == 45 and max(sizes) <= 4
     assert makespan(sizes, 2) <= 24

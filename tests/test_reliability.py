@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-import imgfeat.io.listing
+import imgfeat.io.reading
 import imgfeat.store.tables
 from imgfeat.demo.samples import BAD_FILES, encode, make_samples, xray_array
 from imgfeat.featurize.extract import run_extract
@@ -73,14 +73,14 @@ def test_bad_input_at_scale_ends_with_exact_counts(spark, tmp_path, monkeypatch)
         fh.write(os.urandom(300_000))
     vanishing = os.path.join(s.root, "PNEUMONIA", "vanishing.jpg")
     shutil.copy(glob.glob(os.path.join(s.root, "NORMAL", "*.jpg"))[0], vanishing)
-    real_read = imgfeat.io.listing.read_contents
+    real_read = imgfeat.io.reading.read_contents
 
     def read_then_delete(*args, **kwargs):
         df = real_read(*args, **kwargs)  # the folder is listed here; the file goes before it is read
         os.remove(vanishing)
         return df
 
-    monkeypatch.setattr(imgfeat.io.listing, "read_contents", read_then_delete)
+    monkeypatch.setattr(imgfeat.io.reading, "read_contents", read_then_delete)
     cfg = tiny_config(s.root, str(tmp_path / "feats"), "input.max_file_bytes=200000")
     result = run_extract(spark, cfg)
     feats, errors = _tables(spark, cfg)
@@ -92,7 +92,7 @@ def test_bad_input_at_scale_ends_with_exact_counts(spark, tmp_path, monkeypatch)
     assert {_local(p): c for p, c in zip(errors["path"], errors["error_class"])} == expected
     assert set(feats["path"]).isdisjoint(errors["path"])
 
-    monkeypatch.setattr(imgfeat.io.listing, "read_contents", real_read)
+    monkeypatch.setattr(imgfeat.io.reading, "read_contents", real_read)
     again = run_extract(spark, cfg)  # the vanished file is no longer listed; nothing else to do
     assert (again.listed, again.processed) == (result.listed - 1, 0)
 

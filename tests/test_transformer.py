@@ -38,3 +38,45 @@ def test_array_output_type(spark, samples):
     out = stage.transform(_images(spark, samples.root).limit(3))
     assert "featurize_error" not in out.columns
     assert dict(out.dtypes)["f"] == "array<float>"
+
+
+INFERENCE = {"threads": 3, "device": "cpu", "decodeThreads": 2, "prefetch": False, "compile": True,
+             "jpegDecoder": "nvjpeg", "labelTag": "BodyPartExamined", "batchSize": 8, "precision": "bf16"}
+
+
+def test_the_stage_carries_every_inference_setting_into_its_spec(spark):
+    """Built by the same function as extract's and predict's spec: device, decode threads, prefetch, the JPEG
+    decoder and the label tag travel too; a Keras backbone decodes with Pillow, uncompiled, as in extract."""
+    stage = ImageFeaturizer(modelName="tiny_torch", weights="none", **INFERENCE)
+    assert (stage.getThreads(), stage.getDevice(), stage.getJpegDecoder()) == (3, "cpu", "nvjpeg")
+    spec = stage.featurize_spec(spark)
+    assert (spec.threads, spec.device, spec.decode_threads, spec.prefetch, spec.compile, spec.jpeg_decoder,
+            spec.label_tag, spec.batch_size, spec.precision) == (3, "cpu", 2, False, True, "nvjpeg", "BodyPartExamined",
+                                                                 8, "bf16")
+    keras = ImageFeaturizer(modelName="tiny", weights="none", jpegDecoder="nvjpeg", compile=True).featurize_spec(spark)
+    assert (keras.jpeg_decoder, keras.compile, keras.label_tag) == ("pillow", False, None)
+    assert stage.setDevice("gpu").setDecodeThreads(4).featurize_spec(spark).decode_threads == 4
+
+
+def test_saved_stages_keep_every_param_and_stages_saved_before_the_rename_still_load(spark, tmp_path):
+    import glob
+    import json
+    import os
+
+    path = str(tmp_path / "stage")
+    ImageFeaturizer(modelName="tiny", weights="none", **INFERENCE).save(path)
+    loaded = ImageFeaturizer.load(path)
+    assert {name: loaded.getOrDefault(name) for name in INFERENCE} == INFERENCE
+    # As an older version saved it: tfThreads instead of threads, none of the newer params.
+    (meta,) = glob.glob(os.path.join(path, "metadata", "part-*"))
+    data = json.loads(open(meta).read())
+    for section in ("paramMap", "defaultParamMap"):
+        data[section]["tfThreads"] = data[section].pop("threads")
+        for name in ("device", "decodeThreads", "prefetch", "compile", "jpegDecoder", "labelTag"):
+            data[section].pop(name)
+    open(meta, "w").write(json.dumps(data))
+    for checksum in glob.glob(os.path.join(path, "metadata", ".*.crc")):  # Hadoop's checksum of the old text
+        os.remove(checksum)
+    old = ImageFeaturizer.load(path)
+    assert (old.getThreads(), old.getBatchSize(), old.getDevice(), old.getPrefetch(), old.getJpegDecoder()) == (
+        3, 8, "auto", True, "pillow")

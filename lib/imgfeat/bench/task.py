@@ -34,6 +34,41 @@ def _gpu_sampler(stop: threading.Event, samples: list[float]) -> None:
         stop.wait(0.5)
 
 
+def _spec(model: str, weights: str, batch_size: int, precision: str, device: str, threads: int, jpeg_decoder: str,
+          compile: bool, prefetch: bool, decode_threads: int) -> Any:
+    """The spec a Spark task of extract would get for these settings (``featurize.spec.featurize_spec``)."""
+    from imgfeat.backbones.registry import get_backbone
+    from imgfeat.config.schema import InferenceConfig
+    from imgfeat.engines import resolve_weights
+    from imgfeat.featurize.spec import featurize_spec
+    from imgfeat.io.decoders import DecodeOptions
+
+    backbone = get_backbone(model)
+    inference = InferenceConfig(batch_size=batch_size, threads=threads, device=device, precision=precision,
+                                decode_threads=decode_threads, prefetch=prefetch, jpeg_decoder=jpeg_decoder,
+                                compile=compile)
+    return featurize_spec(backbone, resolve_weights(backbone, weights), DecodeOptions(size=backbone.input_size),
+                          inference, threads)
+
+
+def _bare_model(spec: Any, bare_batches: int) -> tuple[Any, float, float]:
+    """(predictor, seconds to build and warm it, images/s of the model alone on one prepared uint8 batch)."""
+    import numpy as np
+
+    from imgfeat.engines import get_predictor
+
+    started = time.perf_counter()
+    predict = get_predictor(spec.model_name, spec.weights, spec.weights.read_bytes, spec.engine_options())
+    size, batch_size = spec.decode.size, spec.batch_size
+    warm = np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
+    predict(warm)  # warm up (and compile) at the full batch shape
+    model_load = time.perf_counter() - started
+    t_bare = time.perf_counter()
+    for _ in range(bare_batches):  # the model alone: no decoding, no Arrow
+        predict(warm)
+    return predict, model_load, bare_batches * batch_size / (time.perf_counter() - t_bare)
+
+
 def run_task_bench(input_dir: str, model: str = "efficientnet_lite0", limit: int = 500, batch_size: int = 64,
                    precision: str = "fp32", device: str = "auto", threads: int = 0, weights: str = "none",
                    rows_per_task_batch: int = 256, jpeg_decoder: str = "pillow", compile: bool = False,
@@ -42,35 +77,17 @@ def run_task_bench(input_dir: str, model: str = "efficientnet_lite0", limit: int
     fewer), and the model alone on one prepared batch (``bare``); returns the numbers."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import numpy as np
     import pandas as pd
 
-    from imgfeat.backbones.registry import get_backbone
     from imgfeat.bench.run import list_images
-    from imgfeat.engines import get_predictor, resolve_weights
-    from imgfeat.featurize.udf import FeaturizeSpec, featurize_stream, jpeg_decoder_for
-    from imgfeat.io.decoders import DecodeOptions
+    from imgfeat.featurize.udf import featurize_stream, jpeg_decoder_for
 
     files = list_images(input_dir)
     if not files:
         raise ValueError(f"no images under {input_dir}")
-    paths = [files[i % len(files)] for i in range(limit)]
-    blobs = [Path(p).read_bytes() for p in paths]
-    backbone = get_backbone(model)
-    source = resolve_weights(backbone, weights)
-    size = backbone.input_size
-    spec = FeaturizeSpec(backbone=backbone, weights=source, decode=DecodeOptions(size=size), batch_size=batch_size,
-                         tf_threads=threads, precision=precision, device=device, prefetch=prefetch, compile=compile,
-                         jpeg_decoder=jpeg_decoder, decode_threads=decode_threads)
-    started = time.perf_counter()
-    predict = get_predictor(model, source, source.read_bytes, spec.engine_options())
-    warm = np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
-    predict(warm)  # warm up (and compile) at the full batch shape
-    model_load = time.perf_counter() - started
-    t_bare = time.perf_counter()
-    for _ in range(bare_batches):  # the model alone: one prepared uint8 batch, no decoding, no Arrow
-        predict(warm)
-    bare = bare_batches * batch_size / (time.perf_counter() - t_bare)
+    blobs = [Path(files[i % len(files)]).read_bytes() for i in range(limit)]
+    spec = _spec(model, weights, batch_size, precision, device, threads, jpeg_decoder, compile, prefetch, decode_threads)
+    predict, model_load, bare = _bare_model(spec, bare_batches)
     stop, gpu = threading.Event(), []
     sampler = threading.Thread(target=_gpu_sampler, args=(stop, gpu), daemon=True)
     if shutil.which("nvidia-smi"):
@@ -87,8 +104,8 @@ def run_task_bench(input_dir: str, model: str = "efficientnet_lite0", limit: int
         pool.shutdown()
     rate = len(blobs) / wall
     return {
-        "model": model, "engine": backbone.engine, "precision": precision, "device": device,
-        "jpeg_decoder": jpeg_decoder, "compile": compile, "prefetch": prefetch, "images": len(blobs),
+        "model": model, "engine": spec.backbone.engine, "precision": precision, "device": device,
+        "jpeg_decoder": spec.jpeg_decoder, "compile": spec.compile, "prefetch": prefetch, "images": len(blobs),
         "featurized": n_ok, "batch_size": batch_size, "wall_s": round(wall, 3), "images_per_s": round(rate, 2),
         "bare_model_images_per_s": round(bare, 2), "of_bare_model": round(rate / bare, 3),
         "decode_s": round(timings.get("decode", 0.0), 3), "inference_s": round(timings.get("inference", 0.0), 3),

@@ -9,6 +9,7 @@ import dataclasses
 import os
 import re
 import typing
+import warnings
 from typing import Any, Literal
 
 import yaml
@@ -88,10 +89,25 @@ def _text_mapping(value: dict[Any, Any], where: str, prefix: str = "") -> dict[s
     return out
 
 
+# Renamed settings: old dotted name -> new name in the same section. The old name still loads, with a warning.
+RENAMED = {"inference.tf_threads": "threads"}
+
+
+def _renamed(key: str, where: str, source: str) -> str:
+    """``key`` of the section ``where``, or its new name when it was renamed (said in a FutureWarning)."""
+    dotted = f"{where}.{key}" if where else key
+    if dotted not in RENAMED:
+        return key
+    warnings.warn(f"'{dotted}' (from {source}) is deprecated: it is now '{where}.{RENAMED[dotted]}'; rename it",
+                  FutureWarning, stacklevel=4)
+    return RENAMED[dotted]
+
+
 def _merge_into(obj: Any, data: dict[str, Any], where: str, source: str) -> None:
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
-    for key, value in data.items():
+    for old_key, value in data.items():
+        key = _renamed(old_key, where, source)
         dotted = f"{where}.{key}" if where else key
         if key not in names:
             valid = ", ".join(sorted(names))
@@ -113,7 +129,7 @@ def _merge_into(obj: Any, data: dict[str, Any], where: str, source: str) -> None
 def _validate(cfg: Config) -> None:
     checks = [
         (cfg.inference.batch_size >= 1, "inference.batch_size must be >= 1"),
-        (cfg.inference.tf_threads >= 0, "inference.tf_threads must be >= 0 (0 = automatic)"),
+        (cfg.inference.threads >= 0, "inference.threads must be >= 0 (0 = automatic)"),
         (cfg.inference.arrow_batch_rows >= 1, "inference.arrow_batch_rows must be >= 1"),
         (cfg.inference.images_per_task >= 0, "inference.images_per_task must be >= 0 (0 = automatic)"),
         (cfg.inference.decode_threads >= 1, "inference.decode_threads must be >= 1"),

@@ -121,7 +121,8 @@ class InferenceConfig:
     engine: Literal["auto", "keras", "torch"] = "auto"
     batch_size: int = 32
     # Threads of the inference framework (TensorFlow or PyTorch) per Python worker; 0 = cores / task slots.
-    tf_threads: int = 0
+    # (Formerly inference.tf_threads, still accepted with a warning.)
+    threads: int = 0
     device: Literal["auto", "cpu", "gpu"] = "auto"
     # Arithmetic of the model: fp32 | bf16 (Keras mixed_bfloat16, torch bf16 autocast; fast on CPUs with AVX512_BF16
     # or AMX and on recent GPUs) | fp16 (GPU only). Recorded with the features: rows of two precisions never mix.

@@ -24,7 +24,7 @@ _TF_CONFIGURED = False
 
 # Libraries Keras 3 imports at start-up only when it finds them installed, for features the engine never uses:
 # scikit-learn for keras.wrappers' estimators (it brings scipy.stats), matplotlib for keras.visualization's plots.
-# Measured here, with pandas and pyarrow loaded as in a pandas-UDF worker: `import tensorflow` 5.2 -> 3.0 CPU-s.
+# Skipping them makes `import tensorflow` in a worker markedly cheaper (docs/benchmarks.md).
 OPTIONAL_AT_IMPORT = ("sklearn", "matplotlib")
 
 

@@ -9,53 +9,52 @@ stored; weights are re-resolved from ``weights`` on load, pinned by ``weightsSha
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from pyspark import keyword_only
 from pyspark.ml import Transformer
-from pyspark.ml.param.shared import (
-    HasInputCol,
-    HasOutputCol,
-    Param,
-    Params,
-    TypeConverters,
-)
-from pyspark.ml.util import DefaultParamsReadable, DefaultParamsWritable
+from pyspark.ml.param.shared import HasInputCol, HasOutputCol
+from pyspark.ml.util import DefaultParamsReadable, DefaultParamsReader, DefaultParamsWritable
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from imgfeat.backbones.registry import get_backbone
 from imgfeat.backbones.weights import WeightsSource
+from imgfeat.featurize.params import DEFAULTS, HasBackbone, HasDecodeOptions, HasFeaturizerOutput, HasInferenceOptions
 from imgfeat.io.decoders import DecodeOptions
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+    from imgfeat.featurize.spec import FeaturizeSpec
 
 # Driver-side cache of resolved weights: (model, weights, seed, sha) -> source.
 _RESOLVED: dict[tuple[str, str, int, str], WeightsSource] = {}
+# Params renamed since stages were first saved: old name -> new name (read from saved stages as the new one).
+RENAMED_PARAMS = {"tfThreads": "threads"}
 
 
-class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReadable, DefaultParamsWritable):
+class _Reader(DefaultParamsReader):
+    """Pyspark's reader of saved stages, reading the params that were renamed by their new names."""
+
+    def load(self, path: str) -> Any:
+        metadata = DefaultParamsReader.loadMetadata(path, self.sparkSession)
+        for section in ("paramMap", "defaultParamMap"):
+            values = metadata.get(section) or {}
+            for old, new in RENAMED_PARAMS.items():
+                if old in values:
+                    values.setdefault(new, values.pop(old))
+        module, _, name = metadata["class"].rpartition(".")
+        instance = getattr(importlib.import_module(module), name)()
+        instance._resetUid(metadata["uid"])
+        DefaultParamsReader.getAndSetParams(instance, metadata)
+        return instance
+
+
+class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, HasBackbone, HasDecodeOptions, HasInferenceOptions,
+                      HasFeaturizerOutput, DefaultParamsReadable, DefaultParamsWritable):
     """Decode image bytes and run a frozen backbone; rows that fail get a null vector and an error."""
-
-    modelName = Param(Params._dummy(), "modelName", "backbone name, e.g. resnet50 (keras) or efficientnet_lite0 (torch)", TypeConverters.toString)
-    weights = Param(Params._dummy(), "weights", "imagenet | none | path to weights file", TypeConverters.toString)
-    weightsSha256 = Param(Params._dummy(), "weightsSha256", "required sha256 of the weights file ('' = no pin)", TypeConverters.toString)
-    seed = Param(Params._dummy(), "seed", "seed for weights=none", TypeConverters.toInt)
-    imageSize = Param(Params._dummy(), "imageSize", "input size in pixels (0 = the backbone's)", TypeConverters.toInt)
-    batchSize = Param(Params._dummy(), "batchSize", "images per model call", TypeConverters.toInt)
-    resizeMode = Param(Params._dummy(), "resizeMode", "stretch | pad | crop", TypeConverters.toString)
-    resample = Param(Params._dummy(), "resample", "nearest | bilinear | bicubic | lanczos | box", TypeConverters.toString)
-    highBitDepth = Param(Params._dummy(), "highBitDepth", "minmax | full_range", TypeConverters.toString)
-    maxPixels = Param(Params._dummy(), "maxPixels", "decompression-bomb guard: larger images are too_large", TypeConverters.toInt)
-    jpegDraft = Param(Params._dummy(), "jpegDraft", "decode large JPEGs at reduced size first", TypeConverters.toBoolean)
-    formats = Param(Params._dummy(), "formats", "image formats decoded, comma-separated", TypeConverters.toString)
-    dicomWindow = Param(Params._dummy(), "dicomWindow", "DICOM intensities: auto | none | C,W | lung | mediastinum | bone",
-                        TypeConverters.toString)
-    volume = Param(Params._dummy(), "volume", "volumes: middle | mip (one vector per row; extract also does slices:N)",
-                   TypeConverters.toString)
-    outputType = Param(Params._dummy(), "outputType", "vector (ML Vector) | array (array<float>)", TypeConverters.toString)
-    errorCol = Param(Params._dummy(), "errorCol", "column for decode errors ('' = none)", TypeConverters.toString)
-    precision = Param(Params._dummy(), "precision", "fp32 | bf16 | fp16 (GPU): the arithmetic the features were made with",
-                      TypeConverters.toString)
-    tfThreads = Param(Params._dummy(), "tfThreads", "TensorFlow / PyTorch threads per worker (0 = automatic)", TypeConverters.toInt)
 
     @keyword_only
     def __init__(
@@ -78,23 +77,106 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
         volume: str = DecodeOptions.volume,
         outputType: str = "vector",
         errorCol: str = "featurize_error",
-        tfThreads: int = 0,
+        threads: int = 0,
         precision: str = "fp32",
+        device: str = "auto",
+        decodeThreads: int = 1,
+        prefetch: bool = True,
+        compile: bool = False,
+        jpegDecoder: str = "pillow",
+        labelTag: str = "",
     ) -> None:
         super().__init__()
-        self._setDefault(
-            inputCol="content", outputCol="features", modelName="resnet50", weights="imagenet",
-            weightsSha256="", seed=42, imageSize=0, batchSize=32, resizeMode="stretch",
-            resample="bilinear", highBitDepth="minmax", maxPixels=DecodeOptions.max_pixels,
-            jpegDraft=DecodeOptions.jpeg_draft, formats=",".join(DecodeOptions.formats),
-            dicomWindow=DecodeOptions.dicom_window, volume=DecodeOptions.volume, outputType="vector",
-            errorCol="featurize_error", tfThreads=0, precision="fp32",
-        )
+        self._setDefault(inputCol="content", outputCol="features", **DEFAULTS)
         self._set(**self._input_kwargs)
 
     @keyword_only
     def setParams(self, **kwargs: Any) -> ImageFeaturizer:
         return self._set(**self._input_kwargs)
+
+    @classmethod
+    def read(cls) -> _Reader:
+        """Reads stages saved by this and earlier versions (``tfThreads``, now ``threads``)."""
+        return _Reader(cls)
+
+    # Setters, one per Param (the getters come with the Params: imgfeat.featurize.params).
+    def setModelName(self, value: str) -> ImageFeaturizer:
+        return self._set(modelName=value)
+
+    def setWeights(self, value: str) -> ImageFeaturizer:
+        return self._set(weights=value)
+
+    def setWeightsSha256(self, value: str) -> ImageFeaturizer:
+        return self._set(weightsSha256=value)
+
+    def setSeed(self, value: int) -> ImageFeaturizer:
+        return self._set(seed=value)
+
+    def setImageSize(self, value: int) -> ImageFeaturizer:
+        return self._set(imageSize=value)
+
+    def setResizeMode(self, value: str) -> ImageFeaturizer:
+        return self._set(resizeMode=value)
+
+    def setResample(self, value: str) -> ImageFeaturizer:
+        return self._set(resample=value)
+
+    def setHighBitDepth(self, value: str) -> ImageFeaturizer:
+        return self._set(highBitDepth=value)
+
+    def setMaxPixels(self, value: int) -> ImageFeaturizer:
+        return self._set(maxPixels=value)
+
+    def setJpegDraft(self, value: bool) -> ImageFeaturizer:
+        return self._set(jpegDraft=value)
+
+    def setFormats(self, value: str) -> ImageFeaturizer:
+        return self._set(formats=value)
+
+    def setDicomWindow(self, value: str) -> ImageFeaturizer:
+        return self._set(dicomWindow=value)
+
+    def setVolume(self, value: str) -> ImageFeaturizer:
+        return self._set(volume=value)
+
+    def setBatchSize(self, value: int) -> ImageFeaturizer:
+        return self._set(batchSize=value)
+
+    def setThreads(self, value: int) -> ImageFeaturizer:
+        return self._set(threads=value)
+
+    def setDevice(self, value: str) -> ImageFeaturizer:
+        return self._set(device=value)
+
+    def setPrecision(self, value: str) -> ImageFeaturizer:
+        return self._set(precision=value)
+
+    def setDecodeThreads(self, value: int) -> ImageFeaturizer:
+        return self._set(decodeThreads=value)
+
+    def setPrefetch(self, value: bool) -> ImageFeaturizer:
+        return self._set(prefetch=value)
+
+    def setCompile(self, value: bool) -> ImageFeaturizer:
+        return self._set(compile=value)
+
+    def setJpegDecoder(self, value: str) -> ImageFeaturizer:
+        return self._set(jpegDecoder=value)
+
+    def setOutputType(self, value: str) -> ImageFeaturizer:
+        return self._set(outputType=value)
+
+    def setErrorCol(self, value: str) -> ImageFeaturizer:
+        return self._set(errorCol=value)
+
+    def setLabelTag(self, value: str) -> ImageFeaturizer:
+        return self._set(labelTag=value)
+
+    def setInputCol(self, value: str) -> ImageFeaturizer:
+        return self._set(inputCol=value)
+
+    def setOutputCol(self, value: str) -> ImageFeaturizer:
+        return self._set(outputCol=value)
 
     def weights_source(self) -> WeightsSource:
         """The resolved weights (id, seed or file), cached on the driver."""
@@ -127,42 +209,30 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
                    highBitDepth=decode.high_bit_depth, maxPixels=decode.max_pixels, jpegDraft=decode.jpeg_draft,
                    formats=",".join(decode.formats), dicomWindow=decode.dicom_window, volume=decode.volume, **params)
 
+    def featurize_spec(self, spark: SparkSession) -> FeaturizeSpec:
+        """The workers' spec of this stage: built as extract and predict build theirs (``featurize.spec``)."""
+        from imgfeat.config.schema import InferenceConfig
+        from imgfeat.featurize.spec import featurize_spec
+        from imgfeat.session import threads_for
+
+        get = self.getOrDefault
+        inference = InferenceConfig(batch_size=get("batchSize"), threads=get("threads"), device=get("device"),
+                                    precision=get("precision"), decode_threads=get("decodeThreads"),
+                                    prefetch=get("prefetch"), jpeg_decoder=get("jpegDecoder"), compile=get("compile"))
+        return featurize_spec(get_backbone(get("modelName")), self.weights_source(), self.decode_options(), inference,
+                              threads_for(spark, inference.threads), label_tag=get("labelTag") or None)
+
     def _transform(self, dataset: DataFrame) -> DataFrame:
         from pyspark.ml.functions import array_to_vector
 
-        from imgfeat.featurize.udf import FeaturizeSpec, featurize_udf
-        from imgfeat.session import tf_threads_for
+        from imgfeat.featurize.job import broadcast_weights
+        from imgfeat.featurize.udf import featurize_udf
 
-        backbone = get_backbone(self.getOrDefault("modelName"))
-        source = self.weights_source()
-        spec = FeaturizeSpec(
-            backbone=backbone,
-            weights=source,
-            decode=self.decode_options(),
-            batch_size=self.getOrDefault("batchSize"),
-            tf_threads=tf_threads_for(dataset.sparkSession, self.getOrDefault("tfThreads")),
-            precision=self.getOrDefault("precision"),
-        )
         spark = dataset.sparkSession
-        data = source.read_bytes()
-        udf = featurize_udf(spec, spark.sparkContext.broadcast(data) if data is not None else None)
+        spec = self.featurize_spec(spark)
+        udf = featurize_udf(spec, broadcast_weights(spark, spec.weights))
         out_col, err_col = self.getOutputCol(), self.getOrDefault("errorCol")
-        from pyspark.sql.types import BinaryType, StructType
-
-        from imgfeat.io.decoders.spark_image import IMAGE_FIELDS, is_image_struct
-
-        column = dataset.schema[self.getInputCol()]
-        if isinstance(column.dataType, StructType):
-            if not is_image_struct(column.dataType.fieldNames()):
-                raise ValueError(f"inputCol {self.getInputCol()!r} is a struct without Spark's image fields "
-                                 f"({', '.join(IMAGE_FIELDS)}): pass a binary column of file bytes or an image column")
-            source = F.struct(*[F.col(f"{self.getInputCol()}.{f}").alias(f) for f in IMAGE_FIELDS])
-        elif isinstance(column.dataType, BinaryType):
-            source = F.col(self.getInputCol())
-        else:
-            raise ValueError(f"inputCol {self.getInputCol()!r} is {column.dataType.simpleString()}: ImageFeaturizer takes "
-                             "file bytes (binary, spark.read.format('binaryFile')) or Spark's image struct "
-                             "(spark.read.format('image'))")
+        source = self._input_column(dataset)
         result = dataset.withColumn("_imgfeat_r", udf(source))
         # One vector per row: a volume's first selected slice (the middle one, or the projection, by default).
         features = F.element_at(F.col("_imgfeat_r.features"), 1)
@@ -178,3 +248,21 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
                 ),
             )
         return result.drop("_imgfeat_r")
+
+    def _input_column(self, dataset: DataFrame) -> Any:
+        """The UDF's input: the file bytes, or the image struct's fields in Spark's order."""
+        from pyspark.sql.types import BinaryType, StructType
+
+        from imgfeat.io.decoders.spark_image import IMAGE_FIELDS, is_image_struct
+
+        column = dataset.schema[self.getInputCol()]
+        if isinstance(column.dataType, StructType):
+            if not is_image_struct(column.dataType.fieldNames()):
+                raise ValueError(f"inputCol {self.getInputCol()!r} is a struct without Spark's image fields "
+                                 f"({', '.join(IMAGE_FIELDS)}): pass a binary column of file bytes or an image column")
+            return F.struct(*[F.col(f"{self.getInputCol()}.{f}").alias(f) for f in IMAGE_FIELDS])
+        if isinstance(column.dataType, BinaryType):
+            return F.col(self.getInputCol())
+        raise ValueError(f"inputCol {self.getInputCol()!r} is {column.dataType.simpleString()}: ImageFeaturizer takes "
+                         "file bytes (binary, spark.read.format('binaryFile')) or Spark's image struct "
+                         "(spark.read.format('image'))")

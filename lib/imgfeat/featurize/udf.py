@@ -12,16 +12,15 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from imgfeat.backbones.registry import Backbone
-from imgfeat.backbones.weights import WeightsSource
 from imgfeat.engines.base import input_batch
-from imgfeat.io.decoders import DECODE_FAILED, DecodeError, DecodeOptions, decode_or_error
+from imgfeat.featurize.spec import FeaturizeSpec
+from imgfeat.io.decoders import DECODE_FAILED, DecodeError, decode_or_error
 from imgfeat.io.decoders.deadline import DecodeWatchdog
 from imgfeat.io.decoders.spark_image import decode_spark_image
 from imgfeat.io.fingerprints import perceptual_hash
@@ -30,7 +29,7 @@ if TYPE_CHECKING:
     from pyspark.sql import Column
 
 # One result per input file. Volumes give several model inputs (slices): the per-slice fields are arrays,
-# exploded into one row per slice by ``imgfeat.featurize.extract.featurize_contents``.
+# exploded into one row per slice by ``imgfeat.featurize.job.featurize_contents``.
 SLICE_FIELDS = ["features", "features_f16", "slice_index", "phash"]
 META_DDL = (
     "modality string, study_key string, series_key string, body_part string, view_position string, "
@@ -47,39 +46,6 @@ RESULT_FIELDS = [*SLICE_FIELDS, "width", "height", "source_mode", "format", "con
                  "error_class", "error_message"]
 
 
-@dataclass(frozen=True)
-class FeaturizeSpec:
-    """Everything a worker needs, small and picklable (the weights travel as a broadcast)."""
-
-    backbone: Backbone  # the registry entry itself, so backbones registered on the driver work on workers
-    weights: WeightsSource
-    decode: DecodeOptions
-    batch_size: int = 32
-    tf_threads: int = 1
-    device: str = "auto"
-    precision: str = "fp32"
-    decode_threads: int = 1
-    prefetch: bool = True  # decode the next batch while the model runs on this one
-    compile: bool = False  # torch.compile (torch engine)
-    jpeg_decoder: str = "pillow"  # pillow | nvjpeg (JPEGs decoded on the model's GPU)
-    float16_column: bool = False
-    # Secret keying DICOM patient ids (privacy.id_salt); kept out of ``decode``, which is recorded with the rows.
-    secret: str | None = field(default=None, repr=False)
-    # input.label.mode=dicom_tag: the DICOM attribute whose value is the label (e.g. StudyDescription).
-    label_tag: str | None = None
-
-    @property
-    def model_name(self) -> str:
-        return self.backbone.name
-
-    def engine_options(self) -> Any:
-        """The engine's options for this spec (what the worker's cached predictor is keyed by)."""
-        from imgfeat.engines import EngineOptions
-
-        return EngineOptions(threads=self.tf_threads, device=self.device, precision=self.precision,
-                             input_size=self.decode.size, compile=self.compile, jpeg_decoder=self.jpeg_decoder)
-
-
 def _decode_one(data: Any, spec: FeaturizeSpec) -> Any:
     """A list of decoded images (file bytes, or a row of Spark's image source), or the DecodeError."""
     if isinstance(data, pd.Series):  # a struct from spark.read.format("image")
@@ -89,7 +55,7 @@ def _decode_one(data: Any, spec: FeaturizeSpec) -> Any:
             return exc
         except Exception as exc:  # never let one file fail the batch
             return DecodeError(DECODE_FAILED, f"unexpected {type(exc).__name__}: {exc}")
-    return decode_or_error(None if data is None else bytes(data), spec.decode, spec.secret, spec.label_tag)
+    return decode_or_error(None if data is None else bytes(data), spec.decode, spec.id_salt, spec.label_tag)
 
 
 @dataclass
@@ -298,8 +264,8 @@ def _predictor(spec: FeaturizeSpec, weights_broadcast: Any) -> Callable[[np.ndar
 
     Once built, everything the worker holds is moved out of the garbage collector's reach (``gc.freeze``): Spark's
     reused Python workers run a full ``gc.collect()`` after every task, which walked the framework's and the model's
-    ~0.4 million objects each time (0.3-0.5 s per task here, a task's worth of images in every 25 tasks); the model
-    lives as long as the worker anyway. Garbage is collected first, so only live objects are frozen.
+    ~0.4 million objects each time (measured: docs/benchmarks.md); the model lives as long as the worker anyway.
+    Garbage is collected first, so only live objects are frozen.
     """
     from imgfeat.engines import engine_of
     from imgfeat.engines.base import cached_predictor

@@ -10,10 +10,12 @@ import os
 import re
 from typing import TYPE_CHECKING
 
-from imgfeat.config import Config, ConfigError
+from imgfeat.config import ConfigError
 
 if TYPE_CHECKING:
-    from pyspark.sql import Column
+    from pyspark.sql import Column, DataFrame
+
+    from imgfeat.config.schema import SplitConfig
 
 # Naming conventions of public chest X-ray sets: one capture group = the patient.
 GROUP_PRESETS = {
@@ -40,13 +42,26 @@ def group_regex(pattern: str) -> str:
     return regex
 
 
-def group_from_name(cfg: Config) -> Column:
-    """group_id from the file name of ``rel_path`` (null when the pattern does not match)."""
+def group_from_name(pattern: str) -> Column:
+    """group_id from the file name of ``rel_path`` by ``pattern`` (input.split.group_pattern; null when the
+    pattern does not match)."""
     from pyspark.sql import functions as F
 
     name = F.element_at(F.split(F.col("rel_path"), "/"), -1)
-    found = F.regexp_extract(name, group_regex(cfg.input.split.group_pattern or ""), 1)
+    found = F.regexp_extract(name, group_regex(pattern), 1)
     return F.when(found != "", found)
+
+
+def with_group(images: DataFrame, split: SplitConfig) -> DataFrame:
+    """``group_id`` by input.split.group (null = the image is its own group)."""
+    from pyspark.sql import functions as F
+
+    if split.group == "regex":
+        return images.withColumn("group_id", group_from_name(split.group_pattern or ""))
+    if split.group == "manifest_column":
+        return images.withColumnRenamed("manifest_group", "group_id")
+    # none, or patient_key (known once each DICOM file is read: extract fills it in and recomputes the split)
+    return images.withColumn("group_id", F.lit(None).cast("string"))
 
 
 def id_salt(configured: str | None) -> str | None:

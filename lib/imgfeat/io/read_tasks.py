@@ -3,13 +3,11 @@
 Extract and batch scoring featurize inside the read tasks of a binaryFile scan, so a task's time follows its number
 of images, not its bytes. Spark packs a scan's files by bytes (each file counts as its length plus
 ``spark.sql.files.openCostInBytes``; "next fit decreasing" into tasks of ``spark.sql.files.maxPartitionBytes``),
-which gives small tasks and a short last one: 5,216 Kermany 224-px images on 2 slots were 41 tasks of up to 128
-images (local sessions count a file at 1 MB; a cluster's 4 MB default gives 32 images per task). Every task pays a
-fixed set-up in the JVM and the Python worker (0.1-0.3 s measured, more than a 128-image task's work on a GPU), and
-the last one leaves a slot idle. imgfeat simulates Spark's packing and picks a ``maxPartitionBytes`` that gives
-about ``images_per_task`` images per task (``inference.images_per_task``), in a multiple of the slots, with a
-nearly full last task: those 5,216 images become 12 tasks of 429-436. A ``maxPartitionBytes`` the user set
-explicitly caps the tasks (imgfeat then only evens them out).
+which gives many small tasks and a short last one; every task pays a fixed set-up in the JVM and the Python worker,
+and the last one leaves a slot idle (measured: docs/benchmarks.md). imgfeat simulates Spark's packing and picks a
+``maxPartitionBytes`` that gives about ``images_per_task`` images per task (``inference.images_per_task``), in a
+multiple of the slots, with a nearly full last task. A ``maxPartitionBytes`` the user set explicitly caps the tasks
+(imgfeat then only evens them out).
 """
 
 from __future__ import annotations

@@ -1,25 +1,29 @@
 """Batch prediction with a model logged by ``train``: image folder -> predictions table + errors table.
 
-Reuses extract's machinery: listing (``imgfeat.io.listing``), incremental planning, the featurizing UDF
-(so bad images get exactly extract's error classes), and ``imgfeat.store.tables.append_rows`` under writer leases. The
-model's first stage (``ImageFeaturizer``) featurizes; its remaining stages (head + label converter)
-score the images that decoded. Rows are keyed by (path, model = what the model URI resolves to, weights_id).
+The same scan as extract (``imgfeat.featurize.job``: listing, incremental planning, the featurizing UDF, so bad
+images get exactly extract's error classes, and both appends under writer leases). The model's first stage
+(``ImageFeaturizer``) says how to featurize; its remaining stages (head + label converter) score the images that
+decoded. Rows are keyed by (path, model = what the model URI resolves to, weights_id).
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import logging
 import os
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from imgfeat.config import Config
 
 if TYPE_CHECKING:
-    from pyspark.sql import SparkSession
+    from pyspark.sql import DataFrame, SparkSession
+
+    from imgfeat.backbones.weights import WeightsSource
+    from imgfeat.config.schema import PredictConfig
+    from imgfeat.featurize.job import Featurized, ScanPlan, ScanRun, Written
+    from imgfeat.featurize.spec import FeaturizeSpec
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +98,7 @@ def load_scoring_model(cfg: Config) -> tuple[Any, Any, list[str]]:
     uri = cfg.predict.model_uri
     if not uri:
         raise ValueError("no model: pass --model-uri runs:/RUN_ID/model or models:/NAME/VERSION (see `imgfeat compare`)")
-    use_tracking(cfg)
+    use_tracking(cfg.mlflow)
     model = mlflow.spark.load_model(uri)
     stages = list(model.stages)
     if not stages or not isinstance(stages[0], ImageFeaturizer):
@@ -141,53 +145,43 @@ def _locate_weights(featurizer: Any, cfg: Config, uri: str) -> None:
     )
 
 
-def _featurize_config(cfg: Config, featurizer: Any) -> Config:
-    """The extract settings equivalent to the model's featurizer (so decoding and errors are identical)."""
-    fcfg = copy.deepcopy(cfg)
-    decode = featurizer.decode_options()
-    fcfg.model.name = featurizer.getOrDefault("modelName")
-    fcfg.preprocess.image_size = decode.size
-    fcfg.preprocess.resize_mode = decode.resize_mode
-    fcfg.preprocess.resample = decode.resample
-    fcfg.preprocess.high_bit_depth = decode.high_bit_depth
-    fcfg.preprocess.max_pixels = decode.max_pixels
-    fcfg.preprocess.jpeg_draft = decode.jpeg_draft
-    fcfg.preprocess.formats = list(decode.formats)
-    fcfg.preprocess.dicom.window = decode.dicom_window
-    fcfg.preprocess.volume = decode.volume
-    fcfg.inference.precision = featurizer.getOrDefault("precision")
-    fcfg.output.float16_column = False
-    return fcfg
-
-
 def _column_name(label: str) -> str:
     import re
 
     return "probability_" + re.sub(r"\W", "_", label)
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Scoring:
-    """What a predict run fixes before it reads the tables."""
+    """What a predict run scores with, fixed before it reads the tables."""
 
     ref: ModelRef
-    featurizer: Any
-    head: Any
+    head: Any  # PipelineModel: the head and the label converter
     labels: list[str]
-    spec: Any
-    weights_id: str
+    spec: FeaturizeSpec
     weights_broadcast: Any
-    fmt: str
-    run_id: str
-    leases: Any  # RunLeases
+
+
+def scoring_spec(spark: SparkSession, cfg: Config, featurizer: Any, source: WeightsSource) -> FeaturizeSpec:
+    """The workers' spec for ``featurizer``'s model: its backbone, its recorded decoding (with this run's decode
+    time limit) and precision, run by this run's ``inference`` settings; no float16 copy of the features."""
+    from imgfeat.backbones.registry import get_backbone
+    from imgfeat.featurize.spec import dicom_label_tag, featurize_spec
+    from imgfeat.io.groups import id_salt
+    from imgfeat.session import threads_for
+
+    decode = dataclasses.replace(featurizer.decode_options(), decode_timeout_s=cfg.preprocess.decode_timeout_s)
+    inference = dataclasses.replace(cfg.inference, precision=featurizer.getOrDefault("precision"))
+    return featurize_spec(get_backbone(featurizer.getOrDefault("modelName")), source, decode, inference,
+                          threads_for(spark, inference.threads), id_salt(cfg.privacy.id_salt),
+                          dicom_label_tag(cfg.input.label))
 
 
 def run_predict(spark: SparkSession, cfg: Config) -> PredictResult:
     """Score every image under ``input.path`` with ``predict.model_uri``; write predictions and errors.
 
     The run holds writer leases on both tables throughout: a second run of the same model on them is refused."""
-    from imgfeat.featurize.extract import broadcast_weights, featurize_spec, run_leases
-    from imgfeat.store.tables import resolve_format
+    from imgfeat.featurize.job import Tables, broadcast_weights, scan_run
 
     if not cfg.output.path:
         raise ValueError("no output location: pass --output PATH (or set output.path) for the predictions table")
@@ -195,133 +189,80 @@ def run_predict(spark: SparkSession, cfg: Config) -> PredictResult:
     featurizer, head, labels = load_scoring_model(cfg)
     ref = resolve_model(cfg.predict.model_uri or "")
     source = featurizer.weights_source()
-    spec = featurize_spec(spark, _featurize_config(cfg, featurizer), source)
-    weights_broadcast = broadcast_weights(spark, source)
-    fmt = resolve_format(spark, cfg.output.format)
-    run_id = uuid.uuid4().hex[:12]
+    spec = scoring_spec(spark, cfg, featurizer, source)
+    scoring = _Scoring(ref, head, labels, spec, broadcast_weights(spark, source))
+    tables = Tables.of(spark, cfg.output, cfg.errors_path)
     # rows are keyed by what the URI resolves to now (ref.key)
-    with run_leases(spark, cfg, fmt, run_id, ref.key, source.weights_id, "predict") as leases:
-        scoring = _Scoring(ref, featurizer, head, labels, spec, source.weights_id, weights_broadcast, fmt, run_id, leases)
-        return _predict(spark, cfg, scoring, started)
+    with scan_run(spark, tables, "predict", ref.key, source.weights_id) as run:
+        return _predict(spark, cfg, run, scoring, started)
 
 
-def _predict(spark: SparkSession, cfg: Config, s: _Scoring, started: float) -> PredictResult:
-    from pyspark import StorageLevel
+def _predict(spark: SparkSession, cfg: Config, run: ScanRun, s: _Scoring, started: float) -> PredictResult:
+    from imgfeat.featurize.job import Written, existing_keys, featurize_todo, finish_scan, plan_scan, write_rows
 
-    from imgfeat.featurize.extract import existing_keys, plan_work
-    from imgfeat.io.listing import list_files, listing_settings
-    from imgfeat.session import sql_conf
-    from imgfeat.store.tables import check_replace_supported, drop_scratch, table_locks
-
-    images, others = list_files(spark, cfg)
-    images = images.persist(StorageLevel.MEMORY_AND_DISK)
-    with sql_conf(spark, listing_settings(spark)):  # the scans that list, in one task per core
-        n_listed = images.count()
-    existing = existing_keys(spark, cfg, s.fmt, s.weights_id, model=s.ref.key, leases=s.leases)
-    tables = [cfg.output.path or "", cfg.errors_path or ""]
-    with table_locks(spark, tables, s.fmt, s.leases):  # no other run swaps a table while the plan reads it
-        todo, n_todo, replace, n_replaced = plan_work(spark, images, existing, cfg.output.mode, tables[0], s.run_id,
-                                                        n_listed)
-    if replace is not None:
-        for location in tables:
-            check_replace_supported(spark, location, s.fmt)
-    predicted = failed = 0
-    counts: dict[str, int] = {}
-    if n_todo:
-        predicted, failed, counts = _score_and_write(spark, cfg, s, todo, n_todo, n_listed, others, replace)
-    images.unpersist()
-    drop_scratch(spark, cfg.output.path, s.run_id)
-    if predicted + failed != n_todo:
-        raise RuntimeError(f"accounting mismatch: {n_todo} files to process but {predicted} predicted + {failed} failed")
-    return PredictResult(
-        model_uri=s.ref.uri, model_key=s.ref.key, model_version=s.ref.version, listed=n_listed,
-        already_done=n_listed - n_todo, processed=n_todo, predicted=predicted, failed=failed, replaced=n_replaced,
-        predictions_path=cfg.output.path or "", errors_path=cfg.errors_path or "", format=s.fmt, labels=s.labels,
-        predicted_counts=counts, seconds=round(time.time() - started, 2),
-    )
+    existing = existing_keys(spark, run)  # repairs the tables first
+    plan = plan_scan(spark, cfg.input, run, existing)
+    written, counts = Written(), {}
+    if plan.n_todo:
+        featurized = featurize_todo(spark, cfg.input, cfg.inference, plan, s.spec, s.weights_broadcast)
+        rows, errors = _output_rows(cfg.predict, run, s, featurized)
+        written = write_rows(spark, run, plan, featurized, rows, errors, ("predictions", "predicted"))
+        counts = _predicted_counts(spark, run, written)
+    finish_scan(spark, run, plan)
+    return _result(run, s, plan, written, counts, started)
 
 
-def _score_and_write(spark: SparkSession, cfg: Config, s: _Scoring, todo: Any, n_todo: int, n_listed: int,
-                     others: Any, replace: Any) -> tuple[int, int, dict[str, int]]:
-    """Featurize and score the planned files, append predictions and errors: (predicted, failed, class counts)."""
-    from pyspark import StorageLevel
+def _predicted_counts(spark: SparkSession, run: ScanRun, written: Written) -> dict[str, int]:
+    """Predictions per class, counted in what was written (not what was planned): every decoded image must have
+    its prediction row. Read under the commit lock: no other run swaps the table while it is read."""
     from pyspark.sql import functions as F
 
-    from imgfeat.featurize.extract import featurize_contents, replace_keys, unread_errors
-    from imgfeat.io.listing import (
-        broadcast_if_small,
-        listing_settings,
-        other_file_lengths,
-        read_contents,
-        read_task_settings,
-    )
-    from imgfeat.session import sql_conf
-    from imgfeat.store.tables import append_rows, read_table, table_locks
+    from imgfeat.store.tables import read_table, table_locks
 
-    fingerprint = ["file_length", "file_modification_time"]
-    # Only a scan of the whole folder needs the other files' lengths; taken before the read starts, since a scan
-    # of them later would fail on a file deleted meanwhile.
-    with sql_conf(spark, listing_settings(spark)):
-        other_lengths = other_file_lengths(others) if n_todo == n_listed else None
-    contents = read_contents(spark, cfg, todo, n_todo, n_listed)
-    read_settings = read_task_settings(spark, cfg, todo, n_todo, n_listed, other_lengths)
-    rows = featurize_contents(
-        contents.select("path", "content", F.col("length").alias("file_length"),
-                        F.col("modificationTime").alias("file_modification_time"))
-        .join(broadcast_if_small(todo.drop(*fingerprint), n_todo), on="path", how="inner"),
-        s.spec,
-        s.weights_broadcast,
-    )
-    rows = rows.persist(StorageLevel.MEMORY_AND_DISK)
-    unread = unread_errors(todo, rows, cfg.input.max_file_bytes)  # the persisted rows: no second scan
-    prediction_rows, error_rows = _output_rows(cfg, s, rows, unread)
-    keys = replace_keys(replace, s.ref.key, s.weights_id)
-    # One pass, in read tasks that finish together: as extract's features write.
-    with sql_conf(spark, {"spark.sql.adaptive.enabled": "false", **read_settings}):
-        append_rows(spark, prediction_rows, cfg.output.path, s.fmt, replace=keys, lease=s.leases[cfg.output.path])
-    append_rows(spark, error_rows, cfg.errors_path, s.fmt, replace=keys, lease=s.leases[cfg.errors_path])
-    failed = rows.filter(F.col("error_class").isNotNull()).select("path").distinct().count() + unread.count()
-    decoded = rows.filter(F.col("error_class").isNull())
-    predicted = decoded.select("path").distinct().count()  # files; a volume gives one row per slice
-    n_prediction_rows = decoded.count()
-    # Count what was written (not what was planned): every decoded image must have its prediction row. Under the
-    # commit lock: no other run swaps the table while it is read.
-    with table_locks(spark, [cfg.output.path or ""], s.fmt, s.leases):
-        out = read_table(spark, cfg.output.path, s.fmt).filter((F.col("model") == s.ref.key) & (F.col("run_id") == s.run_id))
+    output, fmt = run.tables.output, run.tables.fmt
+    with table_locks(spark, [output], fmt, run.leases):
+        out = read_table(spark, output, fmt).filter((F.col("model") == run.model) & (F.col("run_id") == run.run_id))
         counts = {r["prediction"]: r["n"] for r in out.groupBy("prediction").agg(F.count("*").alias("n")).collect()}
-    if sum(counts.values()) != n_prediction_rows:
-        raise RuntimeError(f"accounting mismatch: {n_prediction_rows} images decoded but {sum(counts.values())} predictions written")
-    rows.unpersist()
-    return predicted, failed, counts
+    if sum(counts.values()) != written.ok_rows:
+        raise RuntimeError(f"accounting mismatch: {written.ok_rows} images decoded but {sum(counts.values())} "
+                           "predictions written")
+    return counts
 
 
-def _output_rows(cfg: Config, s: _Scoring, rows: Any, unread: Any) -> tuple[Any, Any]:
+def _result(run: ScanRun, s: _Scoring, plan: ScanPlan, written: Written, counts: dict[str, int],
+            started: float) -> PredictResult:
+    return PredictResult(
+        model_uri=s.ref.uri, model_key=s.ref.key, model_version=s.ref.version, listed=plan.n_listed,
+        already_done=plan.already_done, processed=plan.n_todo, predicted=written.ok, failed=written.failed,
+        replaced=plan.n_replaced, predictions_path=run.tables.output, errors_path=run.tables.errors,
+        format=run.tables.fmt, labels=s.labels, predicted_counts=counts, seconds=round(time.time() - started, 2),
+    )
+
+
+def _output_rows(predict: PredictConfig, run: ScanRun, s: _Scoring, featurized: Featurized
+                 ) -> tuple[DataFrame, DataFrame]:
     """(predictions table rows, errors table rows): the decoded rows scored by the head, and the failures."""
     from pyspark.ml.functions import array_to_vector, vector_to_array
     from pyspark.sql import functions as F
 
-    fingerprint = ["file_length", "file_modification_time"]
-    meta = [F.lit(s.ref.key).alias("model"), F.lit(s.ref.uri).alias("model_uri"),
+    from imgfeat.featurize.job import FINGERPRINT, error_rows
+
+    meta = [F.lit(run.model).alias("model"), F.lit(s.ref.uri).alias("model_uri"),
             F.lit(s.ref.version).cast("string").alias("model_version"), F.lit(s.ref.run_id).alias("model_run_id"),
-            F.lit(s.weights_id).alias("weights_id"), F.lit(s.run_id).alias("run_id"),
+            F.lit(run.weights_id).alias("weights_id"), F.lit(run.run_id).alias("run_id"),
             F.current_timestamp().alias("predicted_at")]
+    rows = featurized.rows
     ok = rows.filter(F.col("error_class").isNull()).withColumn("features", array_to_vector(F.col("features")))
     scored = s.head.transform(ok)
     prob_cols = []
     if "probability" in scored.columns:
         scored = scored.withColumn("probability", vector_to_array(F.col("probability")))
-        if cfg.predict.probability_columns:
+        if predict.probability_columns:
             prob_cols = [F.col("probability")[i].alias(_column_name(lab)) for i, lab in enumerate(s.labels)]
     else:
         scored = scored.withColumn("probability", F.lit(None).cast("array<double>"))
     prediction_rows = scored.select(
         "image_id", "path", "rel_path", "label", "slice_index", "prediction", "probability", *prob_cols, *meta,
-        *fingerprint
+        *FINGERPRINT
     )
-    error_cols = ["image_id", "path", "rel_path", "label", "split", "error_class", "error_message", *fingerprint]
-    error_rows = (
-        rows.filter(F.col("error_class").isNotNull()).select(*error_cols)
-        .unionByName(unread.select(*error_cols))
-        .select(*error_cols[:5], *meta, *error_cols[5:])
-    )
-    return prediction_rows, error_rows
+    return prediction_rows, error_rows(featurized, ["image_id", "path", "rel_path", "label", "split"], meta)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from imgfeat.config.schema import PreprocessConfig
 
 # Error classes, as written to the errors table.
 EMPTY_FILE = "empty_file"
@@ -64,6 +67,22 @@ class DecodeOptions:
         """The recorded options: those that decide the pixels (never ``RUNTIME_ONLY``)."""
         return {**{k: v for k, v in dataclasses.asdict(self).items() if k not in RUNTIME_ONLY},
                 "formats": list(self.formats)}
+
+    @classmethod
+    def from_config(cls, preprocess: PreprocessConfig, backbone_input_size: int) -> DecodeOptions:
+        """The options of the ``preprocess`` settings; ``preprocess.image_size`` 0 means ``backbone_input_size``."""
+        return cls(
+            size=preprocess.image_size or backbone_input_size,
+            resize_mode=preprocess.resize_mode,
+            resample=preprocess.resample,
+            high_bit_depth=preprocess.high_bit_depth,
+            max_pixels=preprocess.max_pixels,
+            jpeg_draft=preprocess.jpeg_draft,
+            formats=tuple(f.upper() for f in preprocess.formats),
+            dicom_window=preprocess.dicom.window,
+            volume=preprocess.volume,
+            decode_timeout_s=preprocess.decode_timeout_s,
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DecodeOptions:
