@@ -65,6 +65,63 @@ def test_saved_heads_load_without_pickle(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# the flavour's files and requirements
+
+
+@pytest.mark.parametrize("with_file", [False, True])
+def test_classifier_json_is_written_as_before_and_round_trips(tmp_path, with_file):
+    """Models logged before ClassifierInfo load: the file's bytes are those of the earlier writer's dict."""
+    from imgfeat.backbones.registry import get_backbone
+    from imgfeat.io.decoders import DecodeOptions
+    from imgfeat.scoring.flavor import CLASSIFIER_FILE, ClassifierInfo, read_info, save_model
+    from imgfeat.scoring.heads import HeadArrays
+
+    decode = DecodeOptions(size=32, formats=("PNG", "DICOM"))
+    backbone = get_backbone("tiny_torch")
+    head = HeadArrays("linear", {"weights": np.ones((2, backbone.feature_dim)), "bias": np.zeros(2)},
+                      {"probabilistic": True, "mode": "lr"})
+    source = tmp_path / "my weights.pth"
+    source.write_bytes(b"state dict")
+    # The earlier write_classifier's description, key by key and in its order.
+    before = {"format_version": 1, "backbone": "tiny_torch", "engine": backbone.engine, "input_size": 32,
+              "feature_dim": backbone.feature_dim, "weights": "file" if with_file else "none", "weights_id": "none-seed7",
+              "weights_sha256": "", "seed": 7, "decode": decode.to_dict(), "precision": "fp32",
+              "labels": ["NORMAL", "PNEUMONIA"], "head": "lr", "head_kind": "linear", "run_id": "r1",
+              **({"weights_file": "weights/my weights.pth"} if with_file else {})}
+    info = ClassifierInfo.describe(model_name="tiny_torch", weights="none", weights_sha256="", seed=7,
+                                   weights_id="none-seed7", decode=decode, precision="fp32",
+                                   labels=["NORMAL", "PNEUMONIA"], head_name="lr", head_kind=head.kind, run_id="r1")
+    folder = save_model(str(tmp_path / "classifier"), info, head, str(source) if with_file else None)
+    text = open(os.path.join(folder, CLASSIFIER_FILE), encoding="utf-8").read()
+    assert text == json.dumps(before, indent=2)
+    assert ClassifierInfo.from_dict(json.loads(text)).to_dict() == before
+    assert read_info(folder, folder).to_dict() == before
+    assert not with_file or open(os.path.join(folder, "weights", "my weights.pth"), "rb").read() == b"state dict"
+    newer = {**before, "format_version": 2}
+    without_labels = {k: v for k, v in before.items() if k != "labels"}
+    for changed, message in ((newer, "classifier format 2 is not 1"), (without_labels, r"lacks \['labels'\]")):
+        with open(os.path.join(folder, CLASSIFIER_FILE), "w", encoding="utf-8") as fh:
+            json.dump(changed, fh)
+        with pytest.raises(ValueError, match=message):
+            read_info(folder, folder)
+
+
+def test_pip_requirements_pin_the_engine_and_spark_only_for_the_spark_model():
+    from importlib import metadata
+
+    from imgfeat.scoring.flavor import get_default_pip_requirements
+
+    torch = f"torch=={metadata.version('torch').split('+')[0]}"
+    served = get_default_pip_requirements("torch", "tiny_torch", ("PNG",))
+    spark = get_default_pip_requirements("torch", "tiny_torch", ("PNG", "DICOM"), spark=True)
+    assert torch in served and torch in spark  # the Spark model of a torch backbone needs torch too
+    assert not any(r.startswith(("pyspark==", "pydicom==")) for r in served)
+    assert any(r.startswith("pyspark==") for r in spark) and any(r.startswith("pydicom==") for r in spark)
+    keras_spark = get_default_pip_requirements("keras", "resnet50", ("PNG",), spark=True)
+    assert len(keras_spark) == len(set(keras_spark)) and not any(r.startswith("torch==") for r in keras_spark)
+
+
+# ---------------------------------------------------------------------------------------------
 # a trained run: the pyfunc model against the Spark PipelineModel
 
 
@@ -145,11 +202,11 @@ def test_class_activation_map_is_exact_for_a_linear_head(served_runs, store):
     import mlflow
 
     from imgfeat.demo.samples import encode, xray_array
-    from imgfeat.scoring.pyfunc import load_classifier
+    from imgfeat.scoring.flavor import load_model
 
     runs, _ = served_runs
     mlflow.set_tracking_uri(store)
-    classifier = load_classifier(f"runs:/{runs['lr']}/pyfunc_model")
+    classifier = load_model(f"runs:/{runs['lr']}/pyfunc_model")
     image = classifier.decode_one(encode(xray_array(np.random.default_rng(1), (240, 320), sick=True), "rgb_png")[0])
     batch = image.array[None].astype(np.float32)
     features = classifier._ensure_predictor()(batch)[0]
@@ -162,9 +219,9 @@ def test_class_activation_map_is_exact_for_a_linear_head(served_runs, store):
         assert how == "exact"
         # mean over the map of A(x, y) . d is class k's logit minus the classes' mean, up to the bias terms
         np.testing.assert_allclose((maps @ direction).mean() + b[k] - b.mean(), logits[k] - logits.mean(), rtol=1e-4, atol=1e-5)
-    keras = load_classifier(f"runs:/{runs['keras']}/pyfunc_model")
+    keras = load_model(f"runs:/{runs['keras']}/pyfunc_model")
     assert keras.head.class_direction(features, 0)[1] == "gradient"
-    assert load_classifier(f"runs:/{runs['rf']}/pyfunc_model").head.class_direction(features, 1)[1] == "path"
+    assert load_model(f"runs:/{runs['rf']}/pyfunc_model").head.class_direction(features, 1)[1] == "path"
 
 
 def _free_port() -> int:
@@ -223,12 +280,12 @@ def api(served_runs, store):
     import mlflow
     from fastapi.testclient import TestClient
 
-    from imgfeat.scoring.pyfunc import load_classifier
+    from imgfeat.scoring.flavor import load_model
     from imgfeat.serve.app import create_app
 
     runs, _ = served_runs
     mlflow.set_tracking_uri(store)
-    classifier = load_classifier(f"runs:/{runs['lr']}/pyfunc_model").load()
+    classifier = load_model(f"runs:/{runs['lr']}/pyfunc_model").load()
     app = create_app(classifier, model_uri="test", max_upload_bytes=2 * 1024 * 1024)
     return TestClient(app), classifier
 

@@ -4,6 +4,7 @@ artifacts in a temporary sqlite store, the logged model scoring raw images, batc
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 
@@ -46,6 +47,34 @@ def test_metrics_equal_scikit_learn(k):
         assert got[f"test_recall_{label}"] == pytest.approx(recall[i])
         assert got[f"test_f1_{label}"] == pytest.approx(f1[i])
     assert report["confusion_matrix"] == skm.confusion_matrix(y, pred).tolist()
+
+
+def test_class_weights_give_each_class_an_equal_share():
+    from imgfeat.train.metrics import class_weights
+
+    weights = class_weights({"A": 30, "B": 10}, ["A", "B"])
+    assert [30 * weights[0], 10 * weights[1]] == pytest.approx([20, 20])  # n / classes each
+    assert class_weights({"A": 4}, ["A", "B"]) == pytest.approx([0.5, 2.0])  # a class without rows counts as one
+
+
+def test_evaluate_is_the_metrics_plus_their_bootstrap_intervals():
+    from imgfeat.config.schema import ValidityConfig
+    from imgfeat.train.metrics import defined, evaluate
+
+    rng = np.random.default_rng(5)
+    y = np.repeat([0, 1], 40)
+    proba = np.clip(np.stack([1 - y, y], axis=1) * 0.6 + rng.random((80, 2)) * 0.5, 0.01, None)
+    proba /= proba.sum(axis=1, keepdims=True)
+    pred = proba.argmax(axis=1)
+    plain, report = classification_metrics(y, pred, proba, ["A", "B"])
+    units = np.arange(80)
+    assert evaluate(y, pred, proba, ["A", "B"], units, ValidityConfig(bootstrap_resamples=0), 1) == (plain, report)
+    got, got_report = evaluate(y, pred, proba, ["A", "B"], units, ValidityConfig(bootstrap_resamples=200), 1)
+    assert got_report == report and {k: got[k] for k in plain} == plain
+    assert got["test_accuracy_ci_low"] <= got["test_accuracy"] <= got["test_accuracy_ci_high"]
+    assert set(got) - set(plain) == {f"{k}_ci_{side}" for k in plain for side in ("low", "high")}
+    kept = defined({"a": 1.0, "b": float("nan"), "c": np.float32("nan"), "d": 2})
+    assert kept == {"a": 1.0, "d": 2} and not any(math.isnan(v) for v in kept.values())
 
 
 def test_keras_head_standardization_folds_into_the_first_layer_exactly():
@@ -164,13 +193,13 @@ def test_the_split_is_the_same_for_every_backbone_and_stratified(spark, tmp_path
     table = str(tmp_path / "two")
     _separable_table(spark, table, per_class=25, classes=("N", "P"), models=("m1", "m2"))
     cfg = load_config(sets=[f"train.features={table}", "train.test_fraction=0.2"])
-    df = read_features(spark, cfg)
+    df = read_features(spark, cfg.train.features, cfg.output.format)
     images = df.select("path", "image_id", "label", "split").dropDuplicates(["path"])
-    split, mode = assign_split(images, cfg)
+    split, mode = assign_split(images, cfg.train)
     assert mode == "hash"
     counts = {(r["label"], r["is_test"]): r["n"] for r in split.groupBy("label", "is_test").count().withColumnRenamed("count", "n").collect()}
     assert counts == {("N", True): 5, ("N", False): 20, ("P", True): 5, ("P", False): 20}
-    again, _ = assign_split(images, cfg)
+    again, _ = assign_split(images, cfg.train)
     assert sorted(r["image_id"] for r in split.filter("is_test").collect()) == sorted(r["image_id"] for r in again.filter("is_test").collect())
 
 

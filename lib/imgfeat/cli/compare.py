@@ -40,6 +40,6 @@ def run(a: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     if table.attrs.get("paired_test"):
         print(f"[imgfeat] best two, paired on the same test images: {table.attrs['paired_test']}")
     print(f"[imgfeat] logged comparison.md/.csv/.png to parent run {table.attrs['parent_run_id']}; "
-          f"open the MLflow UI with: mlflow ui --backend-store-uri {tracking_uri(cfg)}")
+          f"open the MLflow UI with: mlflow ui --backend-store-uri {tracking_uri(cfg.mlflow)}")
     return {"parent_run_id": table.attrs["parent_run_id"], "positive_class": table.attrs["positive_class"],
             "paired_test": table.attrs.get("paired_test"), "rows": table.to_dict(orient="records")}

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -187,7 +186,10 @@ def results_frame(results: list[Any]) -> Any:
 
 
 def tracking_uri(cfg: Config) -> str:
-    return cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    """The MLflow store the notebook's runs go to (imgfeat.train.tracking's rule)."""
+    from imgfeat.train.tracking import tracking_uri as configured
+
+    return configured(cfg.mlflow)
 
 
 def workspace_url(spark: Any) -> str | None:

@@ -1,11 +1,16 @@
 """The fine-tune job: decode once, train with TorchDistributor, evaluate on the test split, log to MLflow.
 
-The run logs its parameters, one metric point per epoch (train/validation loss and accuracy, validation AUC,
-images/s: the UI draws the curves), the best epoch's network as weights-only state dicts (``finetuned/backbone.pth``
-in the backbone's own parameter names, ``finetuned/head.pth``; never a pickled module), test metrics with the same
-metric set and bootstrap intervals as ``train``, and two models: ``model`` (Spark: ImageFeaturizer with the
-fine-tuned backbone + its linear head, for ``imgfeat predict``) and ``pyfunc_model`` (for ``imgfeat serve``).
-The backbone file is also what ``imgfeat extract --weights runs:/RUN_ID`` (or the file itself) featurizes with.
+Steps (each a small function below, as in pyspark's TorchDistributor): check the backbone (``_torch_backbone``),
+decode the images once into a Parquet table under ``finetune.output`` (``_decoded_table``; reused on ``resume``),
+build the processes' settings (``_loop_spec``), train (``distribute``: ``finetune.loop`` in ``num_processes``
+processes), and in one MLflow run: log its parameters (``_log_params``), one metric point per epoch (train/validation
+loss and accuracy, validation AUC, images/s: the UI draws the curves), the best epoch's network as weights-only state
+dicts (``_log_network``: ``finetuned/backbone.pth`` in the backbone's own parameter names, ``finetuned/head.pth``;
+never a pickled module), test metrics with the same metric set and bootstrap intervals as ``train``
+(``_test_metrics``: ``train.metrics.evaluate``), and the two models ``train`` logs too (``train.image_model``):
+``model`` (Spark: ImageFeaturizer with the fine-tuned backbone + its linear head, for ``imgfeat predict``) and
+``pyfunc_model`` (for ``imgfeat serve``). The backbone file is also what ``imgfeat extract --weights runs:/RUN_ID``
+(or the file itself) featurizes with.
 """
 
 from __future__ import annotations
@@ -24,9 +29,24 @@ from imgfeat.config import Config
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
+    from imgfeat.backbones.registry import Backbone
+    from imgfeat.config.schema import FinetuneConfig, ValidityConfig
+    from imgfeat.finetune.loop import LoopSpec
+    from imgfeat.io.decoders import DecodeOptions
+
 log = logging.getLogger(__name__)
 
-BACKBONE_ARTIFACT = "finetuned/backbone.pth"
+# Under finetune.output:
+DECODED_DIR = "decoded"  # the decoded table (and decoded_errors)
+DECODED_MARKER = "decoded.json"  # its description, written once it is complete: what --resume reuses
+RUN_DIR = "run"  # the processes' out_dir: checkpoints, best model, result, then backbone.pth and head.pth
+# In the run's artifacts:
+FINETUNED_DIR = "finetuned"
+BACKBONE_FILE = "backbone.pth"
+HEAD_FILE = "head.pth"
+BACKBONE_ARTIFACT = f"{FINETUNED_DIR}/{BACKBONE_FILE}"  # what `--weights runs:/RUN_ID` reads (backbones.weights)
+HISTORY_ARTIFACT = "finetune_history.json"
+REPORT_ARTIFACT = "classification_report.json"
 
 
 @dataclass
@@ -67,177 +87,221 @@ def run_finetune(spark: SparkSession, cfg: Config, resume: bool = False) -> Fine
     """Fine-tune ``model.name`` (a torch backbone) on ``input.path``; see the module docstring."""
     import mlflow
 
-    from imgfeat.backbones.registry import get_backbone
     from imgfeat.engines import resolve_weights
-    from imgfeat.finetune.data import build_decoded_table, table_files
-    from imgfeat.finetune.loop import LoopSpec, spec_dict
-    from imgfeat.train.privacy import check_metadata
+    from imgfeat.io.decoders import DecodeOptions
+    from imgfeat.train.metrics import class_weights, defined
     from imgfeat.train.tracking import tracking_uri, use_experiment
 
     started = time.time()
     fc = cfg.finetune
-    backbone = get_backbone(cfg.model.name)
+    backbone = _torch_backbone(cfg.model.name)
+    out = _output_folder(fc.output)
+    size = cfg.preprocess.image_size or backbone.input_size
+    table = _decoded_table(spark, cfg, out, size, resume)
+    labels, train_counts = table["labels"], table["counts"].get("train", {})
+    if len(labels) < 2 or not all(train_counts.get(lab) for lab in labels):
+        raise ValueError(f"fine-tuning needs training images of at least 2 classes; the table has {table['counts']}")
+    weights = class_weights(train_counts, labels) if fc.class_weighting else None
+    source = resolve_weights(backbone, cfg.model.weights, cfg.model.seed, cfg.model.weights_sha256)
+    spec = _loop_spec(backbone, table, size, out, source.read_bytes(), weights, fc, resume)
+    t0 = time.time()
+    result = distribute(spec, fc.num_processes, fc.local_mode, fc.use_gpu)
+    train_seconds = time.time() - t0
+
+    use_experiment(cfg.mlflow)
+    tags = {"imgfeat.kind": "finetune", "backbone": backbone.name, "head": "finetuned", "weights_id": source.weights_id}
+    with mlflow.start_run(run_name=f"finetune {backbone.name}", tags=tags) as run:
+        _log_params(spec, fc, backbone.name, source.weights_id, result, table["counts"])
+        for h in result["history"]:
+            mlflow.log_metrics(defined({k: v for k, v in h.items() if k != "epoch"}), step=int(h["epoch"]))
+        backbone_file, sha, head = _log_network(spec.out_dir, result)
+        test_metrics = _test_metrics(spec, backbone_file, head, cfg.train.validity, cfg.train.seed)
+        mlflow.log_metric("best_epoch", result["best_epoch"])
+        featurizer = _featurizer(backbone.name, backbone_file, sha, DecodeOptions.from_config(cfg.preprocess, size),
+                                 cfg.model.seed, cfg.inference.batch_size)
+        _log_models(featurizer, head, labels, run.info.run_id)
+        run_id = run.info.run_id
+    return FinetuneResult(run_id=run_id, experiment=cfg.mlflow.experiment, tracking_uri=tracking_uri(cfg.mlflow), table=table,
+                          history=result["history"], best_epoch=result["best_epoch"], test_metrics=test_metrics,
+                          backbone_file=backbone_file, backbone_sha256=sha, seconds=round(time.time() - started, 1),
+                          train_seconds=round(train_seconds, 1), world_size=result["world_size"])
+
+
+def _torch_backbone(name: str) -> Backbone:
+    """The registry's backbone ``name``; ValueError unless it is a PyTorch one."""
+    from imgfeat.backbones.registry import get_backbone
+
+    backbone = get_backbone(name)
     if backbone.engine != "torch":
         raise ValueError(f"finetune trains PyTorch backbones; {backbone.name} is a {backbone.engine} backbone. Use e.g. "
                          "--model efficientnet_lite0")
-    if not fc.output:
+    return backbone
+
+
+def _output_folder(output: str | None) -> str:
+    """``finetune.output`` as an absolute local folder (created)."""
+    if not output:
         raise ValueError("finetune needs an output folder: --output DIR (or finetune.output)")
-    out = os.path.abspath(fc.output.removeprefix("file:"))
+    out = os.path.abspath(output.removeprefix("file:"))
     os.makedirs(out, exist_ok=True)
-    table_path = os.path.join(out, "decoded")
-    size = cfg.preprocess.image_size or backbone.input_size
-    marker = os.path.join(out, "decoded.json")
+    return out
+
+
+def _decoded_table(spark: SparkSession, cfg: Config, out: str, size: int, resume: bool) -> dict[str, Any]:
+    """The decoded table's description: decoded now, or (``resume``) the one a previous attempt completed."""
+    from imgfeat.finetune.data import build_decoded_table
+
+    table_path = os.path.join(out, DECODED_DIR)
+    marker = os.path.join(out, DECODED_MARKER)
     if resume and os.path.exists(marker):
         with open(marker, encoding="utf-8") as fh:
             table = json.load(fh)
         log.info("resuming: reusing the decoded table %s", table_path)
-    else:
-        table = build_decoded_table(spark, cfg, size, "file://" + table_path).to_dict()
-        with open(marker, "w", encoding="utf-8") as fh:
-            json.dump(table, fh, indent=2)
-    labels = table["labels"]
-    train_counts = table["counts"].get("train", {})
-    if len(labels) < 2 or not all(train_counts.get(lab) for lab in labels):
-        raise ValueError(f"fine-tuning needs training images of at least 2 classes; the table has {table['counts']}")
-    total = sum(train_counts.values())
-    class_weights = [total / (len(labels) * train_counts[lab]) for lab in labels] if fc.class_weighting else None
-    source = resolve_weights(backbone, cfg.model.weights, cfg.model.seed, cfg.model.weights_sha256)
+        return table
+    table = build_decoded_table(spark, cfg.input, cfg.preprocess, cfg.finetune, cfg.train.validity.allow_label_conflicts,
+                                size, "file://" + table_path).to_dict()
+    with open(marker, "w", encoding="utf-8") as fh:
+        json.dump(table, fh, indent=2)
+    return table
+
+
+def _loop_spec(backbone: Backbone, table: dict[str, Any], size: int, out: str, weights: bytes | None,
+               class_weights: list[float] | None, fc: FinetuneConfig, resume: bool) -> LoopSpec:
+    """The processes' settings; a fresh run (not ``resume``) starts from an empty run folder."""
+    from imgfeat.finetune.data import table_files
+    from imgfeat.finetune.loop import LoopSpec
+
+    out_dir = os.path.join(out, RUN_DIR)
     spec = LoopSpec(
-        files=table_files(table_path), labels=labels, architecture=backbone.constructor, input_size=size,
-        feature_dim=backbone.feature_dim, mean=tuple(backbone.mean), std=tuple(backbone.std),
-        out_dir=os.path.join(out, "run"), weights=source.read_bytes(), seed=fc.seed, train_layers=fc.train_layers,
-        epochs=fc.epochs, batch_size=fc.batch_size, learning_rate=fc.learning_rate,
+        files=table_files(os.path.join(out, DECODED_DIR)), labels=table["labels"],
+        architecture=backbone.constructor, input_size=size, feature_dim=backbone.feature_dim,
+        mean=tuple(backbone.mean), std=tuple(backbone.std), out_dir=out_dir, weights=weights, seed=fc.seed,
+        train_layers=fc.train_layers, epochs=fc.epochs, batch_size=fc.batch_size, learning_rate=fc.learning_rate,
         backbone_lr_scale=fc.backbone_lr_scale, weight_decay=fc.weight_decay, warmup_fraction=fc.warmup_fraction,
         class_weights=class_weights, patience=fc.patience, precision=fc.precision, use_gpu=fc.use_gpu, resume=resume,
         augment={"rotate_degrees": fc.rotate_degrees, "shift": fc.shift, "scale": fc.scale,
                  "brightness": fc.brightness, "contrast": fc.contrast, "hflip": fc.hflip},
     )
-    if not resume and os.path.isdir(spec.out_dir):
+    if not resume and os.path.isdir(out_dir):
         import shutil
 
-        shutil.rmtree(spec.out_dir)
-    t0 = time.time()
-    result = distribute(spec, fc.num_processes, fc.local_mode, fc.use_gpu)
-    train_seconds = time.time() - t0
-
-    use_experiment(cfg)
-    with mlflow.start_run(run_name=f"finetune {backbone.name}", tags={"imgfeat.kind": "finetune", "backbone": backbone.name,
-                                                                       "head": "finetuned", "weights_id": source.weights_id}) as run:
-        params = {k: v for k, v in spec_dict(spec).items() if k not in ("files", "out_dir", "labels", "mean", "std", "augment")}
-        params.update({f"augment_{k}": v for k, v in spec.augment.items()})
-        params.update({"backbone": backbone.name, "initial_weights_id": source.weights_id, "labels": json.dumps(labels),
-                       "num_processes": fc.num_processes, "local_mode": fc.local_mode,
-                       "trainable_parameters": result["trainable_parameters"], "steps_per_epoch": result["steps_per_epoch"],
-                       "validation_fraction": fc.validation_fraction,
-                       **{f"count_{split}_{lab}": n for split, c in table["counts"].items() for lab, n in c.items()}})
-        params["class_weights"] = json.dumps(class_weights)
-        check_metadata(params)  # no patient fields or image content in run metadata
-        mlflow.log_params(params)
-        for h in result["history"]:
-            mlflow.log_metrics({k: v for k, v in h.items() if k != "epoch" and v == v}, step=int(h["epoch"]))
-        backbone_file, head = _split_best(spec.out_dir)
-        from imgfeat.backbones.weights import sha256_file
-
-        sha = sha256_file(backbone_file)
-        mlflow.log_artifact(backbone_file, artifact_path="finetuned")
-        mlflow.log_artifact(os.path.join(spec.out_dir, "head.pth"), artifact_path="finetuned")
-        mlflow.log_artifact(backbone_file, artifact_path=f"weights/{sha[:16]}")  # where imgfeat predict looks
-        mlflow.log_dict(result, "finetune_history.json")
-        test_metrics, report = _test_metrics(spec, backbone_file, head, cfg)
-        if test_metrics:
-            mlflow.log_metrics({k: v for k, v in test_metrics.items() if v == v})
-            mlflow.log_dict(report, "classification_report.json")
-        mlflow.log_metric("best_epoch", result["best_epoch"])
-        _log_models(cfg, backbone.name, backbone_file, sha, head, labels, size, run.info.run_id)
-        run_id = run.info.run_id
-    return FinetuneResult(run_id=run_id, experiment=cfg.mlflow.experiment, tracking_uri=tracking_uri(cfg), table=table,
-                          history=result["history"], best_epoch=result["best_epoch"], test_metrics=test_metrics,
-                          backbone_file=backbone_file, backbone_sha256=sha, seconds=round(time.time() - started, 1),
-                          train_seconds=round(train_seconds, 1), world_size=result["world_size"])
+        shutil.rmtree(out_dir)
+    return spec
 
 
 def distribute(spec: Any, num_processes: int, local_mode: bool, use_gpu: bool) -> dict[str, Any]:
     """Run ``run_loop(spec)`` in ``num_processes`` processes with Spark's TorchDistributor; process 0's result."""
     from pyspark.ml.torch.distributor import TorchDistributor
 
-    from imgfeat.finetune.loop import run_loop
+    from imgfeat.finetune.loop import RESULT_FILE, run_loop
 
     returned = TorchDistributor(num_processes=num_processes, local_mode=local_mode, use_gpu=use_gpu).run(run_loop, spec)
     if returned is None:  # local mode hands back nothing here: process 0 wrote it
-        with open(os.path.join(spec.out_dir, "result.json"), encoding="utf-8") as fh:
+        with open(os.path.join(spec.out_dir, RESULT_FILE), encoding="utf-8") as fh:
             returned = json.load(fh)
     return returned
 
 
+def _log_params(spec: LoopSpec, fc: FinetuneConfig, backbone: str, weights_id: str, result: dict[str, Any],
+                counts: dict[str, dict[str, int]]) -> None:
+    """The run's parameters: the processes' settings and the table's counts (no patient fields, no content)."""
+    import mlflow
+
+    from imgfeat.finetune.loop import spec_dict
+    from imgfeat.train.privacy import check_metadata
+
+    params = {k: v for k, v in spec_dict(spec).items() if k not in ("files", "out_dir", "labels", "mean", "std", "augment")}
+    params.update({f"augment_{k}": v for k, v in spec.augment.items()})
+    params.update({"backbone": backbone, "initial_weights_id": weights_id, "labels": json.dumps(spec.labels),
+                   "num_processes": fc.num_processes, "local_mode": fc.local_mode,
+                   "trainable_parameters": result["trainable_parameters"], "steps_per_epoch": result["steps_per_epoch"],
+                   "validation_fraction": fc.validation_fraction,
+                   **{f"count_{split}_{lab}": n for split, c in counts.items() for lab, n in c.items()}})
+    params["class_weights"] = json.dumps(spec.class_weights)
+    check_metadata(params)  # no patient fields or image content in run metadata
+    mlflow.log_params(params)
+
+
+def _log_network(run_dir: str, result: dict[str, Any]) -> tuple[str, str, dict[str, np.ndarray]]:
+    """The best network as weights-only state dicts, logged with the history; (backbone file, its sha256, head)."""
+    import mlflow
+
+    from imgfeat.backbones.weights import sha256_file
+
+    backbone_file, head = _split_best(run_dir)
+    sha = sha256_file(backbone_file)
+    mlflow.log_artifact(backbone_file, artifact_path=FINETUNED_DIR)
+    mlflow.log_artifact(os.path.join(run_dir, HEAD_FILE), artifact_path=FINETUNED_DIR)
+    mlflow.log_artifact(backbone_file, artifact_path=f"weights/{sha[:16]}")  # where imgfeat predict looks
+    mlflow.log_dict(result, HISTORY_ARTIFACT)
+    return backbone_file, sha, head
+
+
 def _split_best(run_dir: str) -> tuple[str, dict[str, np.ndarray]]:
-    """best_model.pt -> backbone.pth (the architecture's own parameter names) and head.pth; returns the
+    """The best model file -> backbone.pth (the architecture's own parameter names) and head.pth; returns the
     backbone file and the head as arrays."""
     import torch
 
-    state = torch.load(os.path.join(run_dir, "best_model.pt"), map_location="cpu", weights_only=True)
+    from imgfeat.finetune.loop import BEST_MODEL_FILE
+
+    state = torch.load(os.path.join(run_dir, BEST_MODEL_FILE), map_location="cpu", weights_only=True)
     backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     head = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
-    path = os.path.join(run_dir, "backbone.pth")
+    path = os.path.join(run_dir, BACKBONE_FILE)
     torch.save(backbone, path)
-    torch.save(head, os.path.join(run_dir, "head.pth"))
+    torch.save(head, os.path.join(run_dir, HEAD_FILE))
     return path, {k: v.numpy().astype(np.float64) for k, v in head.items()}
 
 
-def _test_metrics(spec: Any, backbone_file: str, head: dict[str, np.ndarray], cfg: Config) -> tuple[dict[str, float], dict[str, Any]]:
-    """The best network on the test split: train's metric set and bootstrap intervals."""
+def _test_metrics(spec: LoopSpec, backbone_file: str, head: dict[str, np.ndarray], validity: ValidityConfig,
+                  seed: int) -> dict[str, float]:
+    """The best network on the test split (``train``'s evaluation: metrics, bootstrap intervals), logged."""
     import dataclasses
 
+    import mlflow
     import torch
 
-    from imgfeat.finetune.loop import build_network, evaluate
-    from imgfeat.train.metrics import classification_metrics, metric_key
-    from imgfeat.train.uncertainty import bootstrap_intervals
+    from imgfeat.finetune import loop
+    from imgfeat.train.metrics import defined, evaluate
 
     with open(backbone_file, "rb") as fh:
-        net = build_network(dataclasses.replace(spec, weights=fh.read()))
+        net = loop.build_network(dataclasses.replace(spec, weights=fh.read()))
     net.head.load_state_dict({k: torch.from_numpy(v).float() for k, v in head.items()})
     torch.set_num_threads(os.cpu_count() or 1)
-    test = evaluate(net, spec, "test", torch.device("cpu"))
+    test = loop.evaluate(net, spec, "test", torch.device("cpu"))
     if not test["n"]:
         log.warning("no test images: test metrics are not logged")
-        return {}, {}
+        return {}
     y, proba = test["y"], test["proba"]
-    p = proba.argmax(1)
-    metrics, report = classification_metrics(y, p, proba, spec.labels)
-    v = cfg.train.validity
-    metrics.update(bootstrap_intervals(y, p, proba, spec.labels, np.arange(len(y)), v.bootstrap_resamples, v.confidence,
-                                       cfg.train.seed, metric_key=metric_key))
+    metrics, report = evaluate(y, proba.argmax(1), proba, spec.labels, np.arange(len(y)), validity, seed)
     metrics["test_loss"] = test["loss"]
-    return metrics, report
+    mlflow.log_metrics(defined(metrics))
+    mlflow.log_dict(report, REPORT_ARTIFACT)
+    return metrics
 
 
-def _log_models(cfg: Config, model_name: str, backbone_file: str, sha: str, head: dict[str, np.ndarray],
-                labels: list[str], size: int, run_id: str) -> None:
-    """``model`` (Spark, for predict) and ``pyfunc_model`` (for serve): the fine-tuned backbone + its head."""
-    import mlflow.spark
-    from pyspark.ml import PipelineModel
-    from pyspark.ml.feature import IndexToString
-
-    from imgfeat.featurize.extract import decode_options
+def _featurizer(model_name: str, backbone_file: str, sha: str, decode: DecodeOptions, seed: int,
+                batch_size: int) -> Any:
+    """An ``ImageFeaturizer`` with the fine-tuned backbone (its file, pinned by ``sha``)."""
     from imgfeat.featurize.transformer import ImageFeaturizer
-    from imgfeat.scoring.heads import HeadArrays
-    from imgfeat.scoring.pyfunc import log_classifier
-    from imgfeat.train.heads import FEATURES_COL, PREDICTION_COL
-    from imgfeat.train.keras_head import KerasHeadModel, weights_to_b64
-    from imgfeat.train.tracking import model_signature, pip_requirements
+    from imgfeat.train.heads import FEATURES_COL
 
-    decode = decode_options(cfg, size)
-    featurizer = ImageFeaturizer.from_decode_options(
+    return ImageFeaturizer.from_decode_options(
         decode, inputCol="content", outputCol=FEATURES_COL, modelName=model_name, weights=backbone_file,
-        weightsSha256=sha, batchSize=cfg.inference.batch_size, outputType="vector")
+        weightsSha256=sha, seed=seed, batchSize=batch_size, outputType="vector")
+
+
+def _log_models(featurizer: Any, head: dict[str, np.ndarray], labels: list[str], run_id: str) -> None:
+    """``model`` (Spark, for predict) and ``pyfunc_model`` (for serve): the fine-tuned backbone + its linear head."""
+    from imgfeat.scoring.heads import HeadArrays
+    from imgfeat.train.heads import FEATURES_COL, PREDICTION_COL
+    from imgfeat.train.image_model import log_image_model
+    from imgfeat.train.keras_head import KerasHeadModel, weights_to_b64
+
     w, b = head["weight"], head["bias"]
     linear = KerasHeadModel(featuresCol=FEATURES_COL, predictionCol=PREDICTION_COL, inputDim=w.shape[1],
                             numClasses=w.shape[0], hiddenUnits=0,
                             weightsB64=weights_to_b64([w.T.astype(np.float32), b.astype(np.float32)]))
-    converter = IndexToString(inputCol=PREDICTION_COL, outputCol="prediction", labels=labels)
-    mlflow.spark.log_model(PipelineModel(stages=[featurizer, linear, converter]), artifact_path="model",
-                           pip_requirements=pip_requirements(), signature=model_signature())
     arrays = HeadArrays("linear", {"weights": w, "bias": b}, {"probabilistic": True, "mode": "finetuned"})
-    log_classifier(model_name=model_name, weights=backbone_file, weights_sha256=sha, seed=cfg.model.seed,
-                   weights_id=f"sha256:{sha}", weights_file=backbone_file, decode=decode, precision="fp32",
-                   labels=labels, head_name="finetuned", head=arrays, run_id=run_id)
+    log_image_model(featurizer, linear, labels, "finetuned", run_id, arrays)
+

@@ -1,22 +1,14 @@
 """A trained imgfeat model without Spark: image bytes -> label, class probabilities, and where the model looked.
 
-``train`` writes one folder per child run (``write_classifier``) and logs it inside an MLflow pyfunc model
-(``imgfeat.scoring.pyfunc``):
-
-    classifier.json   backbone (name, engine, weights id and how to get the weights), decode settings, precision,
-                      labels, head name
-    head/             the head as arrays (``imgfeat.scoring.heads``)
-    weights/<file>    the backbone's weights file, when the features came from a user's file
-
-Images are decoded by the same ``decode_file`` with the settings recorded with the training features, and
-featurized by the same engine predictor as ``extract``, so scores equal the Spark ``PipelineModel``'s.
+``ImageClassifier`` reads the classifier folder of imgfeat's model flavour (``imgfeat.scoring.model_folder``: its
+files and ``ClassifierInfo``; save / log / load: ``imgfeat.scoring.flavor``). Images are decoded by the same ``decode_file`` with the settings recorded
+with the training features, and featurized by the same engine predictor as ``extract``, so scores equal the Spark
+``PipelineModel``'s.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,18 +21,17 @@ from imgfeat.engines.base import input_batch
 from imgfeat.io.decoders import DecodeError, DecodeOptions, decode_or_error
 from imgfeat.io.decoders.deadline import DecodeWatchdog
 from imgfeat.scoring.heads import HeadArrays
+from imgfeat.scoring.model_folder import (
+    CLASSIFIER_FILE,
+    HEAD_DIR,
+    HEAD_FILES,
+    ClassifierInfo,
+    inside,
+    read_info,
+    save_model,
+)
 
-FORMAT_VERSION = 1
-
-
-def inside(root: str, path: str, what: str) -> str:
-    """The real path of ``path`` (symlinks resolved); ValueError when it lies outside the real path of ``root``."""
-    base = os.path.realpath(root)
-    real = os.path.realpath(path)
-    if os.path.commonpath([base, real]) != base:
-        raise ValueError(f"the model's {what} ({os.path.relpath(path, root)!r}) resolves to {real}, outside the model "
-                         f"folder {base}: refusing to read it. A model must carry its files; re-log it with `imgfeat train`")
-    return real
+__all__ = ["ImageClassifier", "Prediction", "inside", "write_classifier"]
 
 
 @dataclass
@@ -66,28 +57,9 @@ class Prediction:
         return out
 
 
-def write_classifier(folder: str, *, model_name: str, weights: str, weights_sha256: str, seed: int, weights_id: str,
-                     weights_file: str | None, decode: DecodeOptions, precision: str, labels: list[str], head_name: str,
-                     head: HeadArrays, run_id: str | None = None) -> str:
-    """Write the folder ``ImageClassifier.load`` reads; returns it."""
-    os.makedirs(folder, exist_ok=True)
-    backbone = get_backbone(model_name)
-    kind = "file" if weights_file else weights
-    description = {
-        "format_version": FORMAT_VERSION, "backbone": model_name, "engine": backbone.engine,
-        "input_size": decode.size, "feature_dim": backbone.feature_dim, "weights": kind, "weights_id": weights_id,
-        "weights_sha256": weights_sha256, "seed": seed, "decode": decode.to_dict(), "precision": precision,
-        "labels": list(labels), "head": head_name, "head_kind": head.kind, "run_id": run_id,
-    }
-    if weights_file:
-        os.makedirs(os.path.join(folder, "weights"), exist_ok=True)
-        name = os.path.basename(weights_file)
-        shutil.copyfile(weights_file, os.path.join(folder, "weights", name))
-        description["weights_file"] = f"weights/{name}"
-    head.save(os.path.join(folder, "head"))
-    with open(os.path.join(folder, "classifier.json"), "w", encoding="utf-8") as fh:
-        json.dump(description, fh, indent=2)
-    return folder
+def write_classifier(folder: str, *, head: HeadArrays, weights_file: str | None = None, **fields: Any) -> str:
+    """``flavor.save_model`` with the description as keywords (``ClassifierInfo.describe``'s, less ``head_kind``)."""
+    return save_model(folder, ClassifierInfo.describe(head_kind=head.kind, **fields), head, weights_file)
 
 
 class ImageClassifier:
@@ -97,19 +69,15 @@ class ImageClassifier:
     def __init__(self, folder: str, threads: int = 0, device: str = "auto", root: str | None = None):
         """``root``: the model folder every file read must lie in (symlinks resolved); default ``folder``."""
         root = root or folder
-        with open(inside(root, os.path.join(folder, "classifier.json"), "classifier.json"), encoding="utf-8") as fh:
-            self.info: dict[str, Any] = json.load(fh)
-        if self.info.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{folder}: classifier format {self.info.get('format_version')} is not {FORMAT_VERSION}; "
-                             "this imgfeat cannot read it")
+        self.info: ClassifierInfo = read_info(folder, root)
         self.folder = folder
         self.weights_path = self._weights_path(root)
-        self.labels: list[str] = self.info["labels"]
-        self.decode = DecodeOptions.from_dict(self.info["decode"])
-        for name in ("head.json", "head.npz"):
-            inside(root, os.path.join(folder, "head", name), f"head/{name}")
-        self.head = HeadArrays.load(os.path.join(folder, "head"))
-        self.backbone = get_backbone(self.info["backbone"])
+        self.labels: list[str] = self.info.labels
+        self.decode: DecodeOptions = self.info.decode
+        for name in HEAD_FILES:
+            inside(root, os.path.join(folder, HEAD_DIR, name), f"{HEAD_DIR}/{name}")
+        self.head = HeadArrays.load(os.path.join(folder, HEAD_DIR))
+        self.backbone = get_backbone(self.info.backbone)
         self.threads, self.device = threads, device
         self._lock = threading.Lock()
         self._watchdog = DecodeWatchdog(self.decode.decode_timeout_s)  # a file past the limit: timed_out
@@ -122,23 +90,23 @@ class ImageClassifier:
         from imgfeat.engines import resolve_weights
 
         info = self.info
-        weights = self.weights_path or info["weights"]
-        return resolve_weights(self.backbone, weights, int(info["seed"]), info.get("weights_sha256") or None)
+        weights = self.weights_path or info.weights
+        return resolve_weights(self.backbone, weights, int(info.seed), info.weights_sha256 or None)
 
     def _weights_path(self, root: str) -> str | None:
         """The weights file inside the model folder (``weights: file``), None for ``imagenet`` / ``none``."""
-        kind = self.info.get("weights")
+        kind = self.info.weights
         if isinstance(kind, str) and kind.strip().lower() in ("imagenet", "none"):
             return None
-        if kind != "file" or not isinstance(self.info.get("weights_file"), str):
-            raise ValueError(f"{self.folder}/classifier.json: weights {kind!r} is not 'imagenet', 'none' or 'file' with "
-                             "a weights_file inside the model folder; re-log the model with `imgfeat train`")
-        return inside(root, os.path.join(self.folder, self.info["weights_file"]), "weights_file")
+        if kind != "file" or not isinstance(self.info.weights_file, str):
+            raise ValueError(f"{self.folder}/{CLASSIFIER_FILE}: weights {kind!r} is not 'imagenet', 'none' or 'file' "
+                             "with a weights_file inside the model folder; re-log the model with `imgfeat train`")
+        return inside(root, os.path.join(self.folder, self.info.weights_file), "weights_file")
 
     def _options(self) -> Any:
         from imgfeat.engines import EngineOptions
 
-        return EngineOptions(threads=self.threads, device=self.device, precision=self.info["precision"],
+        return EngineOptions(threads=self.threads, device=self.device, precision=self.info.precision,
                              input_size=self.decode.size)
 
     def load(self, maps: bool = False) -> ImageClassifier:
@@ -155,9 +123,9 @@ class ImageClassifier:
             from imgfeat.engines import engine_of
 
             source = self._source()
-            if source.weights_id != self.info["weights_id"]:
+            if source.weights_id != self.info.weights_id:
                 raise ValueError(f"the backbone's weights resolved to {source.weights_id}, but the model was trained "
-                                 f"on {self.info['weights_id']}")
+                                 f"on {self.info.weights_id}")
             self._predict = engine_of(self.backbone).make_predictor(self.backbone, source, None, self._options())
         return self._predict
 
@@ -170,7 +138,7 @@ class ImageClassifier:
 
     def describe(self) -> dict[str, Any]:
         keys = ("backbone", "engine", "weights_id", "head", "labels", "input_size", "precision", "run_id")
-        return {k: self.info.get(k) for k in keys}
+        return {k: getattr(self.info, k) for k in keys}
 
     # -- scoring ----------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ def open_classifier(cfg: Config) -> tuple[Any, str]:
     from imgfeat.scoring.pyfunc import load_classifier, resolve_uri
     from imgfeat.train.tracking import use_tracking
 
-    store = use_tracking(cfg)
+    store = use_tracking(cfg.mlflow)
     given = cfg.serve.model_uri or ""
     try:
         uri = resolve_uri(given)

@@ -115,7 +115,7 @@ def run_compare(cfg: Config, parent_run_id: str | None = None) -> pd.DataFrame:
 
     from imgfeat.train.tracking import use_experiment
 
-    experiment_id = use_experiment(cfg, create=False)
+    experiment_id = use_experiment(cfg.mlflow, create=False)
     client = MlflowClient()
     parent = client.get_run(parent_run_id) if parent_run_id else latest_parent_run(client, experiment_id)
     children = client.search_runs(

@@ -147,17 +147,9 @@ def train_keras_head(
 ) -> tuple[KerasHeadModel, dict[str, Any]]:
     """Fit the head on ``train`` (vector features, integer label index) through Petastorm."""
     import keras
-    from petastorm.spark import SparkDatasetConverter, make_spark_converter
-    from pyspark.ml.functions import vector_to_array
-    from pyspark.sql import functions as F
 
-    spark.conf.set(SparkDatasetConverter.PARENT_CACHE_DIR_URL_CONF, kc.cache_dir)
-    frame = train.select(
-        vector_to_array(F.col(features_col), "float32").alias("features"),
-        F.col(label_col).cast("int").alias("label"),
-    )
     n, mean, std = _feature_moments(train, features_col)
-    converter = make_spark_converter(frame)
+    converter = _petastorm_converter(spark, train, kc.cache_dir, features_col, label_col)
     keras.utils.set_random_seed(seed)
     model = build_keras_head(input_dim, n_classes, kc.hidden_units)
     model.compile(
@@ -174,16 +166,30 @@ def train_keras_head(
             history = model.fit(dataset, epochs=kc.epochs, steps_per_epoch=steps, class_weight=class_weight, verbose=0)
     finally:
         converter.delete()
-    weights = fold_standardization(model.get_weights(), mean, std)
-    head = KerasHeadModel(
-        featuresCol=features_col,
-        predictionCol=prediction_col,
-        inputDim=input_dim,
-        numClasses=n_classes,
-        hiddenUnits=kc.hidden_units,
-        weightsB64=weights_to_b64(weights),
+    head = KerasHeadModel(featuresCol=features_col, predictionCol=prediction_col, inputDim=input_dim,
+                          numClasses=n_classes, hiddenUnits=kc.hidden_units,
+                          weightsB64=weights_to_b64(fold_standardization(model.get_weights(), mean, std)))
+    return head, _keras_params(kc, history)
+
+
+def _petastorm_converter(spark: SparkSession, train: DataFrame, cache_dir: str, features_col: str,
+                         label_col: str) -> Any:
+    """The training rows (float32 features, int label) materialized by Petastorm's ``make_spark_converter``."""
+    from petastorm.spark import SparkDatasetConverter, make_spark_converter
+    from pyspark.ml.functions import vector_to_array
+    from pyspark.sql import functions as F
+
+    spark.conf.set(SparkDatasetConverter.PARENT_CACHE_DIR_URL_CONF, cache_dir)
+    frame = train.select(
+        vector_to_array(F.col(features_col), "float32").alias("features"),
+        F.col(label_col).cast("int").alias("label"),
     )
-    params = {
+    return make_spark_converter(frame)
+
+
+def _keras_params(kc: KerasHeadConfig, history: Any) -> dict[str, Any]:
+    """The head's params to log."""
+    return {
         "hidden_units": kc.hidden_units,
         "epochs": kc.epochs,
         "batch_size": kc.batch_size,
@@ -193,4 +199,3 @@ def train_keras_head(
         "fed_by": "petastorm.make_spark_converter",
         "final_train_loss": round(float(history.history["loss"][-1]), 6),
     }
-    return head, params

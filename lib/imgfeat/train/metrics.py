@@ -1,16 +1,23 @@
-"""Held-out metrics from predictions (scikit-learn), and the plots logged with them.
+"""Held-out metrics from predictions (scikit-learn), class weights, and the plots logged with them.
 
 ``classification_metrics(y_true, y_pred, proba, labels)`` returns the MLflow metric names directly
 (``test_accuracy``, ``test_f1_macro``, ``test_precision_<class>``, ...). Undefined values (a class absent from
 the test set, a single-class AUC) are NaN or 0 exactly as scikit-learn's ``zero_division=0`` defines them.
+``evaluate`` adds the bootstrap intervals; ``train``'s child runs and ``finetune`` both report through it.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from imgfeat.config.schema import ValidityConfig
 
 
 def metric_key(label: str) -> str:
@@ -88,6 +95,31 @@ def classification_metrics(
         "n": n,
     }
     return metrics, report
+
+
+def class_weights(counts: Mapping[str, int], labels: list[str]) -> list[float]:
+    """Per label (in ``labels`` order): n / (classes x the label's count), n the rows of all ``counts``; weights
+    that balance the classes' share of the loss (a label without rows counts as one row)."""
+    total = sum(counts.values())
+    return [total / (len(labels) * max(1, counts.get(label, 0))) for label in labels]
+
+
+def evaluate(y: np.ndarray, p: np.ndarray, proba: np.ndarray | None, labels: list[str], units: np.ndarray,
+             validity: ValidityConfig, seed: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """(MLflow metrics, classification report) on the test predictions: ``classification_metrics`` and, with
+    ``validity.bootstrap_resamples``, their bootstrap intervals (resampling ``units``: a group's images together)."""
+    from imgfeat.train.uncertainty import bootstrap_intervals
+
+    metrics, report = classification_metrics(y, p, proba, labels)
+    if validity.bootstrap_resamples and len(y):
+        metrics.update(bootstrap_intervals(y, p, proba, labels, units, validity.bootstrap_resamples,
+                                           validity.confidence, seed, metric_key=metric_key))
+    return metrics, report
+
+
+def defined(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """``metrics`` without the NaN values (undefined: MLflow would chart them as gaps or refuse them)."""
+    return {k: v for k, v in metrics.items() if not (isinstance(v, numbers.Real) and math.isnan(v))}
 
 
 def plot_confusion_matrix(cm: np.ndarray, labels: list[str], title: str) -> Any:

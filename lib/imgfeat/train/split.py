@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from imgfeat.config import Config
+from imgfeat.config.schema import TrainConfig
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -30,14 +31,13 @@ def table_format(spark: SparkSession, location: str, requested: str) -> str:
     return "delta" if fs.exists(jpath.suffix("/_delta_log")) else "parquet"
 
 
-def read_features(spark: SparkSession, cfg: Config) -> DataFrame:
-    """The features table, checked for the columns training needs."""
+def read_features(spark: SparkSession, location: str | None, requested_format: str = "auto") -> DataFrame:
+    """The features table at ``location`` (train.features), checked for the columns training needs."""
     from imgfeat.store.tables import read_table, table_exists
 
-    location = cfg.train.features
     if not location:
         raise ValueError("no features table: pass --features PATH (or set train.features), the --output of extract")
-    fmt = table_format(spark, location, cfg.output.format)
+    fmt = table_format(spark, location, requested_format)
     if not table_exists(spark, location, fmt):
         raise FileNotFoundError(f"features table {location!r} ({fmt}) does not exist or is empty; run `imgfeat extract` first")
     df = read_table(spark, location, fmt)
@@ -54,10 +54,12 @@ def split_units(images: DataFrame) -> DataFrame:
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
+    from imgfeat.io.splits import split_unit
+
     if "item" not in images.columns:
         images = images.withColumn("item", F.col("path"))
     has_group = "group_id" in images.columns
-    unit = F.coalesce(F.concat(F.lit("group:"), F.col("group_id")), F.col("image_id")) if has_group else F.col("image_id")
+    unit = split_unit() if has_group else F.col("image_id")
     images = images.withColumn("unit", unit)
     if "content_sha256" in images.columns:
         same_content = Window.partitionBy(F.coalesce(F.col("content_sha256"), F.col("path")))
@@ -67,9 +69,9 @@ def split_units(images: DataFrame) -> DataFrame:
     return images
 
 
-def assign_split(images: DataFrame, cfg: Config) -> tuple[DataFrame, str]:
+def assign_split(images: DataFrame, tc: TrainConfig) -> tuple[DataFrame, str]:
     """path, image_id, label[, split, group_id, content_sha256] -> path, image_id, label, split, is_test, unit, by
-    train.split_mode; returns (frame, mode used).
+    ``tc.split_mode`` (the train settings); returns (frame, mode used).
 
     Keyed by ``path``: image ids are relative-path hashes, so two input folders may share one (root_a/NORMAL/1.png
     and root_b/NORMAL/1.png); both images stay.
@@ -82,7 +84,8 @@ def assign_split(images: DataFrame, cfg: Config) -> tuple[DataFrame, str]:
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    tc = cfg.train
+    from imgfeat.io.splits import hash_bucket
+
     mode = tc.split_mode
     values: set[str] = set()
     if "split" in images.columns and mode in ("auto", "column"):
@@ -103,7 +106,7 @@ def assign_split(images: DataFrame, cfg: Config) -> tuple[DataFrame, str]:
         "_r", F.row_number().over(Window.partitionBy("unit").orderBy(F.desc("_k"), "label"))
     ).filter(F.col("_r") == 1).select("unit", F.col("label").alias("_class"))
     sizes = images.groupBy("unit").agg(F.count("*").alias("_size"))
-    units = unit_class.join(sizes, on="unit", how="inner").withColumn("_h", F.xxhash64(F.lit(tc.seed), F.col("unit")))
+    units = unit_class.join(sizes, on="unit", how="inner").withColumn("_h", hash_bucket(tc.seed, F.col("unit"), buckets=None))
     by_class = Window.partitionBy("_class")
     ordered = by_class.orderBy("_h", "unit").rowsBetween(Window.unboundedPreceding, Window.currentRow)
     units = units.withColumn("_before", F.sum("_size").over(ordered) - F.col("_size")).withColumn(
@@ -147,8 +150,8 @@ def audit_table(spark: SparkSession, cfg: Config) -> Any:
     """``imgfeat audit``: the leakage report of ``train.features`` on the split ``train`` would make."""
     from imgfeat.train.audit import run_audit
 
-    table = read_features(spark, cfg)
-    split, mode = assign_split(labelled_images(table), cfg)
+    table = read_features(spark, cfg.train.features, cfg.output.format)
+    split, mode = assign_split(labelled_images(table), cfg.train)
     report = run_audit(audit_images(split, table), cfg.train.validity.near_duplicate_bits)
     report.split_mode = mode
     return report
