@@ -5,9 +5,10 @@
 Traces every Python call on the driver (``sys.settrace``) whose arguments include the job's Config object or one of
 its sections (``cfg.input``, ``cfg.preprocess``, ...), on a small generated folder, and prints per job:
 - modules: the imgfeat modules such calls enter;
-- climbs: calls from a module of a lower layer into one of a higher layer (tests/test_layout.py's order), i.e.
-  settings handed back up the data's walk;
-- re-entries: calls into a module the walk had already left.
+- climbs: calls carrying the settings from a module of a lower layer into one of a higher layer
+  (tests/test_layout.py's order), i.e. settings handed back up the data's walk;
+- re-entries: calls into a module the walk had already left;
+- the modules whose functions receive the whole Config (not just the section they read).
 Fewer of all three means settings that travel once, one way. Counts, not timings: repeatable.
 """
 
@@ -35,8 +36,11 @@ class Walk:
     """Records the modules entered by calls that carry one of ``watched`` (by identity)."""
 
     def __init__(self, cfg: Any):
+        self.whole = id(cfg)
         self.ids = {id(cfg)} | {id(getattr(cfg, f)) for f in vars(cfg)}
         self.sequence: list[str] = []
+        self.whole_config: set[str] = set()  # modules whose functions receive the whole Config
+        self.upward: list[str] = []  # calls carrying settings from a lower layer's module into a higher one
 
     def __call__(self, frame: Any, event: str, arg: Any) -> Any:
         if event != "call":
@@ -46,21 +50,26 @@ class Walk:
             return None
         code = frame.f_code
         names = code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
-        carries = any(id(frame.f_locals.get(n)) in self.ids for n in names)
+        carried = {id(frame.f_locals.get(n)) for n in names}
+        carries = bool(carried & self.ids)
+        if self.whole in carried:
+            self.whole_config.add(module)
+        caller = frame.f_back.f_globals.get("__name__", "") if frame.f_back is not None else ""
+        if carries and caller.startswith("imgfeat.") and _layer(module) > _layer(caller):
+            self.upward.append(f"{caller} -> {module}")
         if carries and (not self.sequence or self.sequence[-1] != module):
             self.sequence.append(module)
         return None
 
     def counts(self) -> dict[str, Any]:
         seen: set[str] = set()
-        climbs = reentries = 0
-        for prev, cur in zip([None, *self.sequence], self.sequence, strict=False):
-            if prev is not None and _layer(cur) > _layer(prev):
-                climbs += 1
+        climbs, reentries = len(self.upward), 0
+        for cur in self.sequence:
             if cur in seen:
                 reentries += 1
             seen.add(cur)
-        return {"modules": len(seen), "climbs": climbs, "re_entries": reentries, "sequence": self.sequence}
+        return {"modules": len(seen), "climbs": climbs, "re_entries": reentries, "sequence": self.sequence,
+                "whole_config": sorted(self.whole_config), "upward": self.upward}
 
 
 def _traced(fn: Any, cfg: Any) -> dict[str, Any]:
@@ -104,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         counts = _traced(fn, cfg) if a.job in (name, "all") else (fn(cfg) and None)
         if counts:
-            print(f"{name}: {counts['modules']} modules, {counts['climbs']} climbs back up, {counts['re_entries']} re-entries")
+            print(f"{name}: {counts['modules']} modules, {counts['climbs']} climbs back up, {counts['re_entries']} re-entries; "
+                  f"the whole Config reaches {len(counts['whole_config'])}: {', '.join(counts['whole_config'])}")
+            for edge in counts["upward"]:
+                print(f"   climb: {edge}")
             if a.verbose:
                 print("   " + " -> ".join(m.removeprefix("imgfeat.") for m in counts["sequence"]))
     spark.stop()

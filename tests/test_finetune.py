@@ -40,6 +40,13 @@ def finetuned(spark, images, store, tmp_path_factory):
     return run_finetune(spark, _cfg(images, out, store)), out
 
 
+def test_the_backbone_artifact_is_where_extract_looks_for_it():
+    from imgfeat.backbones.weights import FINETUNED_ARTIFACT
+    from imgfeat.finetune.run import BACKBONE_ARTIFACT
+
+    assert BACKBONE_ARTIFACT == FINETUNED_ARTIFACT  # --weights runs:/RUN_ID reads what finetune logged
+
+
 def _state(path):
     import torch
 
@@ -85,8 +92,9 @@ def test_the_decoded_table_is_laid_out_the_same_wherever_the_folder_lies(finetun
 
     result, out = finetuned
     moved = shutil.copytree(images.root, tmp_path / "elsewhere" / "data")
-    table = build_decoded_table(spark, _cfg(images, tmp_path / "run", "sqlite://", root=moved),
-                                result.table["size"], "file://" + str(tmp_path / "decoded"))
+    cfg = _cfg(images, tmp_path / "run", "sqlite://", root=moved)
+    table = build_decoded_table(spark, cfg.input, cfg.preprocess, cfg.finetune, False, result.table["size"],
+                                "file://" + str(tmp_path / "decoded"))
 
     def layout(path):
         return [pq.read_table(f, columns=["rel_path", "split"]).to_pylist() for f in table_files(path)]
@@ -123,7 +131,7 @@ def test_the_finetuned_backbone_extracts_serves_and_predicts_like_a_direct_forwa
     from imgfeat.engines import torch_models
     from imgfeat.featurize.extract import run_extract
     from imgfeat.io.decoders import DecodeOptions, decode_file
-    from imgfeat.scoring.pyfunc import load_classifier
+    from imgfeat.scoring.flavor import load_model
 
     from conftest import tiny_config
 
@@ -137,7 +145,7 @@ def test_the_finetuned_backbone_extracts_serves_and_predicts_like_a_direct_forwa
     torch_models.load_weights(net, _state(result.backbone_file))
     net.eval()
     head = _state(os.path.join(out, "run", "head.pth"))
-    classifier = load_classifier(f"runs:/{result.run_id}/pyfunc_model")
+    classifier = load_model(f"runs:/{result.run_id}/pyfunc_model")
     mean = std = np.full(3, 127.5)  # tiny_torch: (x - 127.5) / 127.5
     for r in rows:
         data = open(r["path"].removeprefix("file:"), "rb").read()

@@ -1,11 +1,10 @@
 """A class-data archive (Java AppCDS) for the local JVM that imgfeat starts: Spark's classes mapped from one file
 instead of loaded, verified and linked from its jars at every start.
 
-Measured on 2 cores (docs/benchmarks.md): a local session 5.2-8.1 -> 2.9-3.6 s, its first job 2.2-3.2 -> 1.0-1.2 s,
-JVM CPU to that point 8.0-10.8 -> 4.1-5.0 s. ``make setup`` builds it (``python -m imgfeat.jvm_archive``, ~50 s
-once: a JVM that runs a small Spark workload and writes the classes it loaded at exit, then a second JVM that must
-start from the archive before it is put in place). Sessions then use it when it is there and whole; nothing is
-built at run time.
+A local session and its first job start in about half the time (docs/benchmarks.md). ``make setup`` builds it
+(``python -m imgfeat.jvm_archive``, once: a JVM that runs a small Spark workload and writes the classes it loaded
+at exit, then a second JVM that must start from the archive before it is put in place). Sessions then use it
+when it is there and whole; nothing is built at run time.
 
 A dynamic archive is only valid for the JVM and class path it was made with. The file name carries a key of the Java
 binary and of pyspark's version, jars and their folder, so another Java, pyspark or environment looks for its own

@@ -4,7 +4,7 @@ Rows: path, rel_path, label, split (train | val | test), group_id, slice_index, 
 RGB, after the same ``decode_file`` and resize as extract, rounded to integers). Files that do not decode, are empty,
 too large or vanish go to ``<table>_errors`` with extract's error classes. Validation images are a seeded hash
 share of the training ones, by group when the split is grouped. Training processes stream the table row group by
-row group (``imgfeat.finetune.stream``).
+row group (``imgfeat.finetune.loop.epoch_rows``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from imgfeat.config import Config
+from imgfeat.config.schema import FinetuneConfig, InputConfig, PreprocessConfig
 from imgfeat.io.decoders import DecodeError, DecodeOptions, decode_or_error
 from imgfeat.io.decoders.deadline import DecodeWatchdog
 
@@ -61,39 +61,42 @@ def decode_to_uint8(contents: pd.Series, decode: DecodeOptions) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def build_decoded_table(spark: SparkSession, cfg: Config, size: int, path: str) -> DecodedTable:
+def build_decoded_table(spark: SparkSession, inputs: InputConfig, preprocess: PreprocessConfig,
+                        finetune: FinetuneConfig, allow_label_conflicts: bool, size: int, path: str) -> DecodedTable:
     """List, label, split and decode ``input.path`` into ``path`` (overwritten) and ``path + '_errors'``."""
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
-    from imgfeat.featurize.extract import decode_options, unread_errors
-    from imgfeat.io.listing import list_files, listing_settings, read_contents
+    from imgfeat.featurize.job import unread_errors
+    from imgfeat.io.listing import list_files, listing_settings
+    from imgfeat.io.reading import read_contents
     from imgfeat.session import sql_conf
     from imgfeat.store.tables import parquet_write_options
 
-    decode = decode_options(cfg, size)
-    images, _ = list_files(spark, cfg)
+    decode = DecodeOptions.from_config(preprocess, size)
+    images, _ = list_files(spark, inputs)
     images = images.persist(StorageLevel.MEMORY_AND_DISK)
     with sql_conf(spark, listing_settings(spark)):  # the scans that list, in one task per core
         n = images.count()
     if not n:
-        raise ValueError(f"no images under {cfg.input.path}")
+        raise ValueError(f"no images under {inputs.path}")
 
     def run(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
         for contents in batches:
             yield decode_to_uint8(contents, decode)
 
     udf = F.pandas_udf(run, DECODED_DDL)  # type: ignore[call-overload]
-    contents = read_contents(spark, cfg, images, n, n)
+    contents = read_contents(spark, inputs, images, n, n)
     decoded = contents.select("path", F.sha2(F.col("content"), 256).alias("content_sha256"), udf(F.col("content")).alias("d"))
     decoded = decoded.join(images, on="path", how="inner").persist(StorageLevel.MEMORY_AND_DISK)
-    check_labels(decoded.filter(F.col("d.error_class").isNull()), cfg, cached=(decoded, images))  # before any write
+    check_labels(decoded.filter(F.col("d.error_class").isNull()), allow_label_conflicts, inputs.path or "",
+                 cached=(decoded, images))  # before any write
     good = decoded.filter(F.col("d.error_class").isNull() & F.col("label").isNotNull())
     good = good.select("path", "rel_path", "label", "split", "group_id", "image_id",
                        F.explode(F.arrays_zip(F.col("d.images").alias("image"), F.col("d.slice_index").alias("slice_index"))).alias("z"))
     good = good.select("path", "rel_path", "label", "group_id", "image_id", F.col("z.image").alias("image"),
-                       F.col("z.slice_index").alias("slice_index"), _with_validation(cfg).alias("split"))
-    rows_per_group = max(1, cfg.finetune.row_group_images)
+                       F.col("z.slice_index").alias("slice_index"), _with_validation(finetune.seed, finetune.validation_fraction).alias("split"))
+    rows_per_group = max(1, finetune.row_group_images)
     # Placed and ordered by image id (a hash of the relative path), so the same images give the same files and row
     # groups wherever the folder lies and however Spark read it: with the seeded epoch order, the same weights.
     parts = max(1, n // (4 * rows_per_group) + 1)
@@ -105,7 +108,7 @@ def build_decoded_table(spark: SparkSession, cfg: Config, size: int, path: str) 
     unlabelled = decoded.filter(F.col("d.error_class").isNull() & F.col("label").isNull()).select(
         "path", "rel_path", "label", F.lit("unlabelled").alias("error_class"),
         F.lit("the image has no label (folder, manifest or DICOM tag): it cannot be used for training").alias("error_message"))
-    unread = unread_errors(images, decoded, cfg.input.max_file_bytes).select("path", "rel_path", "label", "error_class", "error_message")
+    unread = unread_errors(images, decoded, inputs.max_file_bytes).select("path", "rel_path", "label", "error_class", "error_message")
     errors = failed.unionByName(unlabelled).unionByName(unread)
     errors.write.mode("overwrite").parquet(path.rstrip("/") + "_errors")
     written = spark.read.parquet(path)
@@ -119,9 +122,10 @@ def build_decoded_table(spark: SparkSession, cfg: Config, size: int, path: str) 
     return DecodedTable(path, path.rstrip("/") + "_errors", size, labels, counts, n, n_failed)
 
 
-def check_labels(decoded: Any, cfg: Config, cached: tuple[Any, ...] = ()) -> None:
+def check_labels(decoded: Any, allow_conflicts: bool, source: str, cached: tuple[Any, ...] = ()) -> None:
     """Stop (LabelConflictError, naming the files and labels on the console) when identical files carry different
-    labels, as ``train`` does, unless train.validity.allow_label_conflicts. ``decoded``: the files that decoded
+    labels, as ``train`` does, unless ``allow_conflicts`` (train.validity.allow_label_conflicts); ``source``: the input
+    folder, for the message. ``decoded``: the files that decoded
     (path, rel_path, label, split, content_sha256); ``cached``: frames to unpersist when stopping."""
     from pyspark.sql import functions as F
 
@@ -131,21 +135,23 @@ def check_labels(decoded: Any, cfg: Config, cached: tuple[Any, ...] = ()) -> Non
         "path", "rel_path", "label", F.col("split").alias("side"), "content_sha256")
     count, conflicts = label_conflicts(files)
     try:
-        check_label_conflicts(count, conflicts, cfg.train.validity.allow_label_conflicts, f"the input {cfg.input.path!r}")
+        check_label_conflicts(count, conflicts, allow_conflicts, f"the input {source!r}")
     except LabelConflictError:
         for frame in cached:
             frame.unpersist()
         raise
 
 
-def _with_validation(cfg: Config) -> Any:
+def _with_validation(seed: int, fraction: float) -> Any:
     """train -> val for a seeded hash share of the training units (groups when grouped, else images)."""
     from pyspark.sql import functions as F
 
-    unit = F.coalesce(F.concat(F.lit("group:"), F.col("group_id")), F.col("image_id"))
-    bucket = F.pmod(F.xxhash64(F.lit(cfg.finetune.seed + 1), unit), F.lit(1_000_000)) / F.lit(1_000_000.0)
+    from imgfeat.finetune.loop import SeedPurpose, derived_seed
+    from imgfeat.io.splits import hash_bucket, split_unit
+
+    bucket = hash_bucket(derived_seed(seed, SeedPurpose.VALIDATION), split_unit())
     split = F.coalesce(F.col("split"), F.lit("train"))
-    return F.when((split == "train") & (bucket < cfg.finetune.validation_fraction), F.lit("val")).otherwise(split)
+    return F.when((split == "train") & (bucket < fraction), F.lit("val")).otherwise(split)
 
 
 def table_files(path: str) -> list[str]:

@@ -5,8 +5,12 @@ of the epoch's seeded order (same order in every process, so shards are disjoint
 and trains a DistributedDataParallel copy of backbone + new linear head (gloo on CPU, NCCL on GPU). Process 0
 validates after every epoch, writes a checkpoint (model, optimizer, schedule, history: loadable with
 ``weights_only=True``) and the best model so far, and decides early stopping. Every random choice (data order,
-augmentation, stochastic depth) is seeded by (seed, epoch, rank), so a run resumed from its checkpoint reaches
-the same weights as one that was never interrupted.
+augmentation, stochastic depth) is seeded by (seed, epoch, rank) through ``derived_seed``, so a run resumed from
+its checkpoint reaches the same weights as one that was never interrupted.
+
+``run_loop`` is a sequence of named steps, each a private method of ``_Loop`` (as TorchDistributor's own): join
+the process group, build the network and optimizer, plan the schedule, resume, train epoch by epoch (seed, train,
+gather, validate and checkpoint on process 0, agree on a ``StopReason``), write the result.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
+from enum import Enum, IntEnum
 from typing import Any
 
 import numpy as np
@@ -22,9 +28,58 @@ import numpy as np
 # Test-only fault injection: stop (as if killed) after this many epochs have been checkpointed.
 STOP_ENV = "IMGFEAT_FINETUNE_STOP_AFTER"
 
+# What a run writes under LoopSpec.out_dir (finetune.run reads the result and the best model).
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_FILE = "last.pt"  # after every epoch: model, optimizer, scheduler, state; weights_only-loadable
+BEST_MODEL_FILE = "best_model.pt"  # the network (state dict) of the best validation loss so far
+RESULT_FILE = "result.json"  # process 0's result: history, best epoch, sizes
+
+EVAL_BATCH_SIZE = 64
+
+
+class StopReason(IntEnum):
+    """Why the epoch loop ends after an epoch; the value is what process 0 broadcasts to the others."""
+
+    CONTINUE = 0  # not yet: the next epoch runs (after the last one, the loop ends with its epochs done)
+    EARLY_STOP = 1  # ``patience`` epochs without a better validation loss
+    STOP_AFTER = 2  # test-only fault injection (STOP_ENV): the processes exit as if killed
+
+
+class SeedPurpose(str, Enum):
+    """The random choices of a fine-tuning run, each seeded by ``derived_seed``."""
+
+    NETWORK = "network"  # the new head's initial weights (and an unweighted backbone's)
+    VALIDATION = "validation"  # the hash salt that moves training units to validation (finetune.data)
+    ORDER = "order"  # an epoch's row-group and row order, the same in every process
+    DROPOUT = "dropout"  # stochastic depth and dropout (torch's global generator), per process and epoch
+    AUGMENT = "augment"  # the augmentation's generator (RandomAugment), per process and epoch
+
+
+def derived_seed(seed: int, purpose: SeedPurpose, epoch: int = 0, rank: int = 0) -> int | list[int]:
+    """The seed of one random choice, from ``finetune.seed``: every formula of the run in one place. The numbers are
+    those of earlier versions (same seed, same weights), so they keep their quirks: DROPOUT of rank r + 1 equals
+    AUGMENT of rank r, and ranks from 10 up overlap the next epoch's.
+
+    NETWORK ``seed``; VALIDATION ``seed + 1``; ORDER the entropy ``[seed, epoch, 7]`` (numpy); DROPOUT
+    ``seed * 1000 + epoch * 10 + rank``; AUGMENT that + 1."""
+    purpose = SeedPurpose(purpose)
+    if purpose is SeedPurpose.NETWORK:
+        return seed
+    if purpose is SeedPurpose.VALIDATION:
+        return seed + 1
+    if purpose is SeedPurpose.ORDER:
+        return [seed, epoch, 7]
+    if purpose is SeedPurpose.DROPOUT:
+        return seed * 1000 + epoch * 10 + rank
+    if purpose is SeedPurpose.AUGMENT:
+        return seed * 1000 + epoch * 10 + rank + 1
+    raise ValueError(f"unknown seed purpose {purpose!r}: use a SeedPurpose")
+
 
 @dataclass
 class LoopSpec:
+    """Everything a training process reads (``spec`` in this package means this): plain values, picklable."""
+
     files: list[str]  # the decoded table's Parquet files
     labels: list[str]
     architecture: str  # imgfeat.engines.torch_models constructor
@@ -47,7 +102,7 @@ class LoopSpec:
     precision: str = "fp32"
     use_gpu: bool = False
     resume: bool = False
-    augment: dict[str, Any] = field(default_factory=dict)
+    augment: dict[str, Any] = field(default_factory=dict)  # RandomAugment's settings (RandomAugment.KEYS)
     threads: int = 0
 
 
@@ -60,7 +115,7 @@ def build_network(spec: LoopSpec) -> Any:
 
     from imgfeat.engines import torch_models
 
-    torch.manual_seed(spec.seed)
+    torch.manual_seed(derived_seed(spec.seed, SeedPurpose.NETWORK))
     backbone = torch_models.build(spec.architecture, spec.input_size)
     if spec.weights is not None:
         torch_models.load_weights(backbone, torch.load(io.BytesIO(spec.weights), map_location="cpu", weights_only=True))
@@ -112,12 +167,14 @@ def set_trainable(net: Any, train_layers: str) -> list[Any]:
     return chosen
 
 
-def epoch_rows(files: list[str], split: str, epoch: int, seed: int, rank: int, world: int, shuffle: bool) -> Any:
-    """Yield (image uint8 (s, s, 3), label) for this process's share of ``split``, one row group in memory."""
+def epoch_rows(files: list[str], split: str, epoch: int, seed: int, rank: int, world: int,
+               shuffle: bool) -> Iterator[tuple[int, bytes, str]]:
+    """Yield (row index in its row group, image bytes (uint8 size x size x 3), label) for this process's share of
+    ``split``, one row group in memory."""
     import pyarrow.parquet as pq
 
     groups = [(f, g) for f in files for g in range(pq.ParquetFile(f).num_row_groups)]
-    rng = np.random.default_rng([seed, epoch, 7])  # the same in every process
+    rng = np.random.default_rng(derived_seed(seed, SeedPurpose.ORDER, epoch=epoch))  # the same in every process
     order = rng.permutation(len(groups)) if shuffle else np.arange(len(groups))
     position = 0
     for gi in order:
@@ -133,39 +190,76 @@ def epoch_rows(files: list[str], split: str, epoch: int, seed: int, rank: int, w
 
 
 def count_rows(files: list[str], split: str) -> int:
+    """Rows of ``split`` in the table's files (reads the split column only)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     return sum(int(pc.sum(pc.equal(pq.read_table(f, columns=["split"]).column("split"), split)).as_py() or 0) for f in files)
 
 
-def augment(x: Any, cfg: dict[str, Any], generator: Any) -> Any:
-    """Random small rotation, shift, scale, brightness and contrast (and optional flip) of a float batch (n, 3, s, s)
-    in 0..255, drawn from ``generator``."""
-    import torch
-    from torch.nn import functional as F
+class RandomAugment:
+    """Random small rotation, shift, scale, brightness and contrast (and optional horizontal flip) of a float batch
+    (n, 3, s, s) in 0..255. As MONAI's Randomizable transforms: ``__init__`` keeps the settings, typed;
+    ``set_random_state`` seeds the one generator every draw comes from (a CPU generator, so the draws are the same
+    on every device); ``randomize`` draws a batch's parameters; ``__call__`` draws and applies them."""
 
-    n = x.shape[0]
+    KEYS = ("rotate_degrees", "shift", "scale", "brightness", "contrast", "hflip")
 
-    def uniform(low: float, high: float) -> Any:
-        return low + (high - low) * torch.rand(n, generator=generator)
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        missing = [k for k in self.KEYS if k not in settings]
+        if missing:
+            raise ValueError(f"the augmentation settings lack {', '.join(missing)}: LoopSpec.augment needs "
+                             f"{', '.join(self.KEYS)} (the finetune.* settings of the same names)")
+        self.rotate_degrees = float(settings["rotate_degrees"])
+        self.shift = float(settings["shift"])
+        self.scale = float(settings["scale"])
+        self.brightness = float(settings["brightness"])
+        self.contrast = float(settings["contrast"])
+        self.hflip = bool(settings["hflip"])
+        self.generator: Any = None
 
-    angle = uniform(-cfg["rotate_degrees"], cfg["rotate_degrees"]) * math.pi / 180
-    scale = uniform(1 - cfg["scale"], 1 + cfg["scale"])
-    tx, ty = uniform(-cfg["shift"], cfg["shift"]) * 2, uniform(-cfg["shift"], cfg["shift"]) * 2
-    flip = (torch.rand(n, generator=generator) < 0.5) if cfg["hflip"] else torch.zeros(n, dtype=torch.bool)
-    sx = torch.where(flip, -1.0, 1.0)
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos * sx, -sin, tx], 1), torch.stack([sin * sx, cos, ty], 1)], 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    brightness = uniform(-cfg["brightness"], cfg["brightness"]).view(n, 1, 1, 1) * 255
-    contrast = uniform(1 - cfg["contrast"], 1 + cfg["contrast"]).view(n, 1, 1, 1)
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    return ((x - mean) * contrast + mean + brightness).clamp(0, 255)
+    def set_random_state(self, seed: int) -> RandomAugment:
+        import torch
+
+        self.generator = torch.Generator().manual_seed(seed)
+        return self
+
+    def randomize(self, n: int) -> dict[str, Any]:
+        """``n`` images' parameters, drawn in a fixed order (angle, scale, shift x, y, flip, brightness, contrast)."""
+        import torch
+
+        if self.generator is None:
+            raise RuntimeError("RandomAugment draws from its own generator: call set_random_state(seed) first")
+
+        def uniform(low: float, high: float) -> Any:
+            return low + (high - low) * torch.rand(n, generator=self.generator)
+
+        angle = uniform(-self.rotate_degrees, self.rotate_degrees) * math.pi / 180
+        scale = uniform(1 - self.scale, 1 + self.scale)
+        tx, ty = uniform(-self.shift, self.shift) * 2, uniform(-self.shift, self.shift) * 2
+        flip = (torch.rand(n, generator=self.generator) < 0.5) if self.hflip else torch.zeros(n, dtype=torch.bool)
+        brightness = uniform(-self.brightness, self.brightness).view(n, 1, 1, 1) * 255
+        contrast = uniform(1 - self.contrast, 1 + self.contrast).view(n, 1, 1, 1)
+        return {"angle": angle, "scale": scale, "tx": tx, "ty": ty, "flip": flip, "brightness": brightness,
+                "contrast": contrast}
+
+    def __call__(self, x: Any) -> Any:
+        import torch
+        from torch.nn import functional as F
+
+        d = {k: v.to(x.device) for k, v in self.randomize(x.shape[0]).items()}
+        sx = torch.where(d["flip"], -1.0, 1.0)
+        cos, sin = torch.cos(d["angle"]) / d["scale"], torch.sin(d["angle"]) / d["scale"]
+        theta = torch.stack([torch.stack([cos * sx, -sin, d["tx"]], 1), torch.stack([sin * sx, cos, d["ty"]], 1)], 1)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        return ((x - mean) * d["contrast"] + mean + d["brightness"]).clamp(0, 255)
 
 
-def _batches(rows: Any, labels: list[str], batch_size: int, size: int, limit: int) -> Any:
+def _batches(rows: Any, labels: list[str], batch_size: int, size: int, limit: float) -> Iterator[tuple[Any, Any]]:
+    """(uint8 images (n, size, size, 3), label indices) batches of ``rows``: at most ``limit`` full batches, or
+    every row (the last batch partial) when ``limit`` is infinite."""
     import torch
 
     index = {lab: i for i, lab in enumerate(labels)}
@@ -193,7 +287,7 @@ def evaluate(net: Any, spec: LoopSpec, split: str, device: Any) -> dict[str, Any
     ys, probs, loss_sum = [], [], 0.0
     with torch.inference_mode():
         rows = epoch_rows(spec.files, split, 0, spec.seed, 0, 1, shuffle=False)
-        for xb, yb in _batches(rows, spec.labels, 64, spec.input_size, math.inf):
+        for xb, yb in _batches(rows, spec.labels, EVAL_BATCH_SIZE, spec.input_size, math.inf):
             x = (xb.to(device).permute(0, 3, 1, 2).float() - mean) / std
             logits = net(x).float()
             loss_sum += float(torch.nn.functional.cross_entropy(logits, yb.to(device), reduction="sum"))
@@ -205,141 +299,271 @@ def evaluate(net: Any, spec: LoopSpec, split: str, device: Any) -> dict[str, Any
     return {"n": len(y), "loss": loss_sum / len(y), "accuracy": float((proba.argmax(1) == y).mean()), "y": y, "proba": proba}
 
 
-def run_loop(spec: LoopSpec) -> dict[str, Any] | None:
-    """Train; process 0 returns (and writes to out_dir/result.json) the history and the best epoch."""
-    import time
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """The learning-rate factor at ``step``: linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
-    import torch
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
 
-    distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
-    if distributed:
-        dist.init_process_group("nccl" if spec.use_gpu else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    torch.set_num_threads(spec.threads or max(1, (os.cpu_count() or 1) // world))
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if spec.use_gpu else "cpu")
-    os.makedirs(os.path.join(spec.out_dir, "checkpoints"), exist_ok=True)
-    checkpoint = os.path.join(spec.out_dir, "checkpoints", "last.pt")
+def _initial_state() -> dict[str, Any]:
+    """The loop's progress as saved in the checkpoint (plain values, so ``weights_only=True`` loads it)."""
+    return {"epoch": -1, "history": [], "best_val_loss": math.inf, "best_epoch": -1, "bad_epochs": 0}
 
-    net = build_network(spec).to(device)
-    trained_blocks = set_trainable(net, spec.train_layers)
-    head_params = list(net.head.parameters())
-    backbone_params = [p for p in net.backbone.parameters() if p.requires_grad]
-    groups = [{"params": head_params, "lr": spec.learning_rate}]
-    if backbone_params:
-        groups.append({"params": backbone_params, "lr": spec.learning_rate * spec.backbone_lr_scale})
-    optimizer = torch.optim.AdamW(groups, weight_decay=spec.weight_decay)
-    n_train = count_rows(spec.files, "train")
-    steps_per_epoch = n_train // world // spec.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(f"{n_train} training images cannot fill one batch of {spec.batch_size} in each of {world} "
-                         "processes: lower finetune.batch_size or finetune.num_processes")
-    total = steps_per_epoch * spec.epochs
-    warmup = max(1, int(spec.warmup_fraction * total))
 
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+def _epoch_record(epoch: int, totals: Any, val: dict[str, Any], learning_rate: float, n_labels: int) -> dict[str, Any]:
+    """One epoch's line of the history (and its MLflow metrics): training totals over all processes, validation."""
+    record = {"epoch": epoch, "train_loss": float(totals[0] / max(1.0, float(totals[1]))),
+              "train_images": int(totals[1]), "train_seconds": float(totals[2]),
+              "train_images_per_s": float(totals[1] / max(1e-9, float(totals[2]))),
+              "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_images": val["n"],
+              "learning_rate": learning_rate}
+    if n_labels == 2 and val["n"] and len(set(val["y"].tolist())) == 2:
+        from sklearn.metrics import roc_auc_score
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    state = {"epoch": -1, "history": [], "best_val_loss": math.inf, "best_epoch": -1, "bad_epochs": 0}
-    if spec.resume and os.path.exists(checkpoint):
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        net.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        state = saved["state"]
-    model = DistributedDataParallel(net) if distributed else net
-    weight = torch.tensor(spec.class_weights, dtype=torch.float32, device=device) if spec.class_weights else None
-    loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
-    mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
-    autocast = torch.bfloat16 if spec.precision == "bf16" else None
-    stop_after = int(os.environ.get(STOP_ENV, "0") or 0)
+        record["val_auc"] = float(roc_auc_score(val["y"], val["proba"][:, 1]))
+    return record
 
-    for epoch in range(state["epoch"] + 1, spec.epochs):
-        torch.manual_seed(spec.seed * 1000 + epoch * 10 + rank)  # stochastic depth, dropout
-        generator = torch.Generator().manual_seed(spec.seed * 1000 + epoch * 10 + rank + 1)
-        model.train()
-        for module in net.backbone.modules():  # frozen blocks keep their normalisation statistics
+
+class _Loop:
+    """One training process: the steps of ``run_loop``, each a private method, and the state they share."""
+
+    distributed: bool  # _join_group: the process group, this process's place in it, its device
+    rank: int
+    world: int
+    device: Any
+    net: Any  # _build: backbone + head, the blocks trained, AdamW
+    trained_blocks: list[Any]
+    optimizer: Any
+    steps_per_epoch: int  # _plan_steps
+    scheduler: Any
+    model: Any  # _prepare_training: net, or its DistributedDataParallel wrapper
+    loss_fn: Any
+    mean: Any
+    std: Any
+    autocast: Any
+
+    def __init__(self, spec: LoopSpec) -> None:
+        self.spec = spec
+        self.checkpoint = os.path.join(spec.out_dir, CHECKPOINT_DIR, CHECKPOINT_FILE)
+        self.state = _initial_state()
+        self.augment = RandomAugment(spec.augment)
+        self.stop_after = int(os.environ.get(STOP_ENV, "0") or 0)
+
+    def _join_group(self) -> None:
+        """Join the process group (when started with several), pick threads and device, make the folders."""
+        import torch
+        import torch.distributed as dist
+
+        spec = self.spec
+        self.distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+        if self.distributed:
+            dist.init_process_group("nccl" if spec.use_gpu else "gloo")
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if self.distributed else (0, 1)
+        torch.set_num_threads(spec.threads or max(1, (os.cpu_count() or 1) // self.world))
+        self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if spec.use_gpu else "cpu")
+        os.makedirs(os.path.join(spec.out_dir, CHECKPOINT_DIR), exist_ok=True)
+
+    def _build(self) -> None:
+        """The network (seeded), its trained blocks, and AdamW with the backbone's scaled learning rate."""
+        import torch
+
+        spec = self.spec
+        self.net = build_network(spec).to(self.device)
+        self.trained_blocks = set_trainable(self.net, spec.train_layers)
+        head_params = list(self.net.head.parameters())
+        backbone_params = [p for p in self.net.backbone.parameters() if p.requires_grad]
+        groups = [{"params": head_params, "lr": spec.learning_rate}]
+        if backbone_params:
+            groups.append({"params": backbone_params, "lr": spec.learning_rate * spec.backbone_lr_scale})
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=spec.weight_decay)
+
+    def _plan_steps(self) -> None:
+        """Steps per epoch (full batches in every process) and the warm-up + cosine schedule over all of them."""
+        import torch
+
+        spec = self.spec
+        n_train = count_rows(spec.files, "train")
+        self.steps_per_epoch = n_train // self.world // spec.batch_size
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"{n_train} training images cannot fill one batch of {spec.batch_size} in each of {self.world} "
+                             "processes: lower finetune.batch_size or finetune.num_processes")
+        total = self.steps_per_epoch * spec.epochs
+        warmup = max(1, int(spec.warmup_fraction * total))
+        # A plain function (not a callable object), so the scheduler's state_dict saves no lambda state.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: warmup_cosine(step, warmup, total))
+
+    def _resume(self) -> None:
+        """With ``spec.resume``: model, optimizer, schedule and progress from the last checkpoint, when there is one."""
+        import torch
+
+        if self.spec.resume and os.path.exists(self.checkpoint):
+            saved = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+            self.net.load_state_dict(saved["model"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.scheduler.load_state_dict(saved["scheduler"])
+            self.state = saved["state"]
+
+    def _prepare_training(self) -> None:
+        """DistributedDataParallel (across processes), the weighted loss, normalisation and autocast."""
+        import torch
+        from torch.nn.parallel import DistributedDataParallel
+
+        spec, device = self.spec, self.device
+        self.model = DistributedDataParallel(self.net) if self.distributed else self.net
+        weight = torch.tensor(spec.class_weights, dtype=torch.float32, device=device) if spec.class_weights else None
+        self.loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
+        self.mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
+        self.autocast = torch.bfloat16 if spec.precision == "bf16" else None
+
+    def _seed_epoch(self, epoch: int) -> None:
+        """Every random draw of this process's epoch: torch's global generator, the augmentation's own."""
+        import torch
+
+        seed = self.spec.seed
+        torch.manual_seed(derived_seed(seed, SeedPurpose.DROPOUT, epoch=epoch, rank=self.rank))  # stochastic depth, dropout
+        self.augment.set_random_state(derived_seed(seed, SeedPurpose.AUGMENT, epoch=epoch, rank=self.rank))
+
+    def _train_mode(self) -> None:
+        self.model.train()
+        for module in self.net.backbone.modules():  # frozen blocks keep their normalisation statistics
             module.train(False)
-        for block in trained_blocks:
+        for block in self.trained_blocks:
             block.train(True)
+
+    def _step(self, xb: Any, yb: Any) -> float:
+        """One optimizer and schedule step on a uint8 batch; returns the batch's mean loss."""
+        import torch
+
+        x = xb.to(self.device).permute(0, 3, 1, 2).float()
+        x = (self.augment(x) - self.mean) / self.std
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.autocast is not None:
+            with torch.autocast(self.device.type, dtype=self.autocast):
+                logits = self.model(x)
+        else:
+            logits = self.model(x)
+        loss = self.loss_fn(logits.float(), yb.to(self.device))
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return float(loss.detach())
+
+    def _train_epoch(self, epoch: int) -> Any:
+        """This process's share of the epoch; its totals (loss sum, images, seconds), summed over the processes
+        (seconds: the slowest)."""
+        import time
+
+        import torch
+        import torch.distributed as dist
+
+        spec = self.spec
         started, seen, loss_sum = time.perf_counter(), 0, 0.0
-        rows = epoch_rows(spec.files, "train", epoch, spec.seed, rank, world, shuffle=True)
-        for xb, yb in _batches(rows, spec.labels, spec.batch_size, spec.input_size, steps_per_epoch):
-            x = xb.to(device).permute(0, 3, 1, 2).float()
-            x = (augment(x, spec.augment, generator) - mean) / std
-            optimizer.zero_grad(set_to_none=True)
-            if autocast is not None:
-                with torch.autocast(device.type, dtype=autocast):
-                    logits = model(x)
-            else:
-                logits = model(x)
-            loss = loss_fn(logits.float(), yb.to(device))
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+        rows = epoch_rows(spec.files, "train", epoch, spec.seed, self.rank, self.world, shuffle=True)
+        for xb, yb in _batches(rows, spec.labels, spec.batch_size, spec.input_size, self.steps_per_epoch):
             seen += len(yb)
-            loss_sum += float(loss.detach()) * len(yb)
-        train_seconds = time.perf_counter() - started
-        totals = torch.tensor([loss_sum, float(seen), train_seconds], dtype=torch.float64)
-        if distributed:
+            loss_sum += self._step(xb, yb) * len(yb)
+        totals = torch.tensor([loss_sum, float(seen), time.perf_counter() - started], dtype=torch.float64)
+        if self.distributed:
             seconds = totals[2].clone()
             dist.all_reduce(totals)
             dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
             totals[2] = seconds
-        stop = torch.tensor([0])
-        if rank == 0:
-            val = evaluate(net, spec, "val", device)
-            record = {"epoch": epoch, "train_loss": float(totals[0] / max(1.0, float(totals[1]))),
-                      "train_images": int(totals[1]), "train_seconds": float(totals[2]),
-                      "train_images_per_s": float(totals[1] / max(1e-9, float(totals[2]))),
-                      "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_images": val["n"],
-                      "learning_rate": float(scheduler.get_last_lr()[0])}
-            if len(spec.labels) == 2 and val["n"] and len(set(val["y"].tolist())) == 2:
-                from sklearn.metrics import roc_auc_score
+        return totals
 
-                record["val_auc"] = float(roc_auc_score(val["y"], val["proba"][:, 1]))
-            state["history"].append(record)
-            improved = val["n"] == 0 or val["loss"] < state["best_val_loss"]
-            if improved:
-                state["best_val_loss"], state["best_epoch"], state["bad_epochs"] = val["loss"], epoch, 0
-                torch.save(net.state_dict(), os.path.join(spec.out_dir, "best_model.pt"))
-            else:
-                state["bad_epochs"] += 1
-            state["epoch"] = epoch
-            torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "state": state}, checkpoint + ".tmp")
-            os.replace(checkpoint + ".tmp", checkpoint)
-            if spec.patience and state["bad_epochs"] >= spec.patience:
-                stop[0] = 1
-            if stop_after and epoch + 1 >= stop_after:
-                stop[0] = 2
-        if distributed:
+    def _validate_and_checkpoint(self, epoch: int, totals: Any) -> StopReason:
+        """Process 0: validate, record the epoch, keep the best model, write the checkpoint; whether to stop."""
+        import torch
+
+        spec, state = self.spec, self.state
+        val = evaluate(self.net, spec, "val", self.device)
+        state["history"].append(_epoch_record(epoch, totals, val, float(self.scheduler.get_last_lr()[0]), len(spec.labels)))
+        if val["n"] == 0 or val["loss"] < state["best_val_loss"]:
+            state["best_val_loss"], state["best_epoch"], state["bad_epochs"] = val["loss"], epoch, 0
+            torch.save(self.net.state_dict(), os.path.join(spec.out_dir, BEST_MODEL_FILE))
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch
+        torch.save({"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "state": state}, self.checkpoint + ".tmp")
+        os.replace(self.checkpoint + ".tmp", self.checkpoint)
+        reason = StopReason.CONTINUE
+        if spec.patience and state["bad_epochs"] >= spec.patience:
+            reason = StopReason.EARLY_STOP
+        if self.stop_after and epoch + 1 >= self.stop_after:
+            reason = StopReason.STOP_AFTER
+        return reason
+
+    def _agree(self, reason: StopReason) -> StopReason:
+        """Process 0's reason, in every process."""
+        import torch
+        import torch.distributed as dist
+
+        stop = torch.tensor([int(reason)])
+        if self.distributed:
             dist.broadcast(stop, 0)
-        if int(stop[0]) == 2:
-            if distributed:
-                dist.destroy_process_group()
-            raise SystemExit(f"{STOP_ENV}: stopped after epoch {epoch}")
-        if int(stop[0]) == 1:
-            break
-    result = None
-    if rank == 0:
+        return StopReason(int(stop[0]))
+
+    def _epoch(self, epoch: int) -> StopReason:
+        self._seed_epoch(epoch)
+        self._train_mode()
+        totals = self._train_epoch(epoch)
+        reason = self._validate_and_checkpoint(epoch, totals) if self.rank == 0 else StopReason.CONTINUE
+        return self._agree(reason)
+
+    def _train(self) -> None:
+        """The epochs left (all, or those after the checkpoint's), until the last one or a stop."""
+        import torch.distributed as dist
+
+        for epoch in range(self.state["epoch"] + 1, self.spec.epochs):
+            reason = self._epoch(epoch)
+            if reason is StopReason.STOP_AFTER:
+                if self.distributed:
+                    dist.destroy_process_group()
+                raise SystemExit(f"{STOP_ENV}: stopped after epoch {epoch}")
+            if reason is StopReason.EARLY_STOP:
+                break
+
+    def _result(self) -> dict[str, Any] | None:
+        """Process 0: the history and the best epoch, also written to RESULT_FILE; None in the others."""
+        if self.rank != 0:
+            return None
+        state = self.state
         result = {"history": state["history"], "best_epoch": state["best_epoch"], "best_val_loss": state["best_val_loss"],
-                  "world_size": world, "steps_per_epoch": steps_per_epoch, "trained_blocks": len(trained_blocks),
-                  "trainable_parameters": sum(p.numel() for p in net.parameters() if p.requires_grad)}
-        with open(os.path.join(spec.out_dir, "result.json"), "w", encoding="utf-8") as fh:
+                  "world_size": self.world, "steps_per_epoch": self.steps_per_epoch,
+                  "trained_blocks": len(self.trained_blocks),
+                  "trainable_parameters": sum(p.numel() for p in self.net.parameters() if p.requires_grad)}
+        with open(os.path.join(self.spec.out_dir, RESULT_FILE), "w", encoding="utf-8") as fh:
             json.dump(result, fh, indent=2, default=float)
-    if distributed:
-        dist.barrier()
-        dist.destroy_process_group()
-    return result
+        return result
+
+    def _leave_group(self) -> None:
+        import torch.distributed as dist
+
+        if self.distributed:
+            dist.barrier()
+            dist.destroy_process_group()
+
+    def run(self) -> dict[str, Any] | None:
+        self._join_group()
+        self._build()
+        self._plan_steps()
+        self._resume()
+        self._prepare_training()
+        self._train()
+        result = self._result()
+        self._leave_group()
+        return result
+
+
+def run_loop(spec: LoopSpec) -> dict[str, Any] | None:
+    """Train; process 0 returns (and writes to ``out_dir``/RESULT_FILE) the history and the best epoch."""
+    return _Loop(spec).run()
 
 
 def spec_dict(spec: LoopSpec) -> dict[str, Any]:
+    """The spec's settings as plain values, without the weights' bytes (for logging)."""
     d = asdict(spec)
     d.pop("weights")
     return d

@@ -95,8 +95,7 @@ def parquet_write_options(schema: StructType) -> dict[str, str]:
 
     Feature vectors (and image bytes) almost never repeat a value, but Parquet first tries a dictionary for every
     column chunk and falls back only once it outgrows its page (1 MiB): for each task's first ~128 feature rows
-    the work is done twice. Measured here: 5,000 rows of 2,048 floats in 40 tasks wrote in 6.0-8.2 s with the
-    dictionary attempt and 2.8-3.1 s without.
+    the work is done twice. Without the attempt such tables write in about half the time (docs/benchmarks.md).
     """
     from pyspark.sql.types import ArrayType, BinaryType, DoubleType, FloatType
 
