@@ -142,6 +142,7 @@ def _validate(cfg: Config) -> None:
         (cfg.preprocess.max_pixels > 0, "preprocess.max_pixels must be > 0"),
         (cfg.train.cv_folds == 0 or cfg.train.cv_folds >= 2, "train.cv_folds must be 0 or >= 2"),
         (0.0 <= cfg.train.validation_fraction < 1.0, "train.validation_fraction must be in [0, 1)"),
+        (0.0 <= cfg.train.threshold_fraction < 0.5, "train.threshold_fraction must be in [0, 0.5)"),
         (cfg.train.keras.epochs >= 1, "train.keras.epochs must be >= 1"),
         (cfg.train.keras.batch_size >= 1, "train.keras.batch_size must be >= 1"),
         (cfg.train.keras.hidden_units >= 0, "train.keras.hidden_units must be >= 0 (0 = softmax only)"),
@@ -178,10 +179,47 @@ def _validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    _validate_labels(cfg)
     _validate_privacy_and_limits(cfg)
     sha = cfg.model.weights_sha256
     if sha is not None and (len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha.lower())):
         raise ConfigError("model.weights_sha256 must be 64 hexadecimal characters")
+
+
+def _one_group_regex(setting: str, value: str | None, example: str) -> None:
+    """``value`` (when set) compiles and has exactly one capture group, else a ConfigError naming ``setting``."""
+    if value is None:
+        return
+    try:
+        groups = re.compile(value).groups
+    except re.error as exc:
+        raise ConfigError(f"{setting}={value!r} is not a valid regex: {exc}") from None
+    if groups != 1:
+        raise ConfigError(f"{setting}={value!r} has {groups} capture groups; it needs exactly one, e.g. {example}")
+
+
+def _validate_labels(cfg: Config) -> None:
+    """Multi-label and study settings: what they need, and regexes with one group."""
+    label, study = cfg.input.label, cfg.input.study
+    mode = label.effective_mode
+    if label.is_multi and mode != "manifest":
+        what = "input.label.multi.column" if label.multi.column else "input.label.findings"
+        raise ConfigError(f"{what} reads findings from a manifest: set input.label.manifest (a .csv, .csv.gz or "
+                          f".parquet) and leave input.label.mode at auto or manifest (it is {label.mode})")
+    if len(set(label.findings)) != len(label.findings) or any(not f.strip() for f in label.findings):
+        raise ConfigError(f"input.label.findings={label.findings!r}: names must be non-empty and distinct")
+    if label.is_multi and label.multi.column and not label.multi.sep:
+        raise ConfigError("input.label.multi.sep must not be empty (NIH ChestX-ray14 uses |)")
+    if not label.path_column.strip():
+        raise ConfigError("input.label.path_column must name the manifest's path column (default: path)")
+    if study.column and mode != "manifest":
+        raise ConfigError(f"input.study.column={study.column!r} is a manifest column: set input.label.manifest, or "
+                          "take the study from the path with input.study.pattern (e.g. ^(.*)/[^/]+$, the folder)")
+    if label.folder_pattern is not None and mode != "folder":
+        raise ConfigError(f"input.label.folder_pattern applies to folder labels, but input.label.mode={mode} would "
+                          "ignore it; drop one of them")
+    _one_group_regex("input.label.folder_pattern", label.folder_pattern, r"^study\d+_(\w+)$")
+    _one_group_regex("input.study.pattern", study.pattern, r"^(.*)/[^/]+$")
 
 
 ARROW_MAX_BYTES = 2**31 - 1  # Spark's limit for spark.sql.execution.arrow.maxBytesPerBatch

@@ -15,14 +15,40 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class MultiLabelConfig:
+    """A delimited findings column of the manifest (NIH ChestX-ray14's ``Finding Labels``: Cardiomegaly|Effusion)."""
+
+    # The manifest column holding the findings; null = not a delimited multi-label manifest.
+    column: str | None = None
+    sep: str = "|"
+    # The value meaning "no finding" (labels = []).
+    none_value: str | None = "No Finding"
+
+
+@dataclass
 class LabelConfig:
     # auto: manifest when input.label.manifest is given, else folder; folder: a folder name; manifest: a CSV;
     # dicom_tag: a DICOM attribute of each file (input.label.dicom_tag); none: no labels (scoring).
     mode: Literal["auto", "folder", "manifest", "dicom_tag", "none"] = "auto"
     # 1 = the image's parent folder (root/CLASS/img.jpg), 2 = the folder above that, ...
     folder_level: int = 1
-    # CSV with header "path,label" (path absolute, or relative to input.path); implies mode=manifest.
+    # Folder labels: a regex with one capture group applied to the folder's name; the group is the label
+    # (MURA's study1_negative with ^study\d+_(\w+)$ -> negative). null = the whole name.
+    folder_pattern: str | None = None
+    # A manifest (.csv, .csv.gz or .parquet) with a path column and a label column (path absolute, relative to
+    # input.path, or a bare file name unique in the folder); implies mode=manifest.
     manifest: str | None = None
+    # The manifest's column holding the image path ("Image Index" for NIH ChestX-ray14).
+    path_column: str = "path"
+    # Multi-label manifests (docs/labels.md): a delimited findings column (multi.column) ...
+    multi: MultiLabelConfig = field(default_factory=MultiLabelConfig)
+    # ... or one manifest column per finding (1 / 0 / -1 uncertain / blank), named here; with multi.column: the
+    # known findings (others are an error). [] = single-label (or, with multi.column, every finding named).
+    findings: list[str] = field(default_factory=list)
+    # Per-finding columns: -1 (uncertain) is ignore (unknown: out of loss and metrics) | zeros | ones.
+    uncertain: Literal["ignore", "zeros", "ones"] = "ignore"
+    # Per-finding columns: a blank cell is zeros (negative: "not mentioned") | ignore (unknown).
+    blank: Literal["zeros", "ignore"] = "zeros"
     # mode=dicom_tag: the DICOM attribute keyword whose value is the label (e.g. StudyDescription, BodyPartExamined).
     # Patient/study identifiers (PatientName, PatientID, AccessionNumber, StudyInstanceUID, ...: config/phi.py)
     # are refused: labels are logged to MLflow.
@@ -33,6 +59,25 @@ class LabelConfig:
         if self.mode == "auto":
             return "manifest" if self.manifest else "folder"
         return self.mode
+
+    @property
+    def is_multi(self) -> bool:
+        """Multi-label: a delimited findings column or per-finding columns."""
+        return bool(self.multi.column or self.findings)
+
+
+@dataclass
+class StudyConfig:
+    """Which images form one study (``study_id``); unset: DICOM files' own study (study_key) where known."""
+
+    # A manifest column holding the study (e.g. CheXpert's study folder, an accession number).
+    column: str | None = None
+    # A regex with one capture group on the image's path relative to input.path; ^(.*)/[^/]+$ = its folder.
+    pattern: str | None = None
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.column or self.pattern)
 
 
 @dataclass
@@ -50,6 +95,9 @@ class SplitConfig:
     # A regex with one capture group, applied to the file name, or a preset: kermany (person1234_bacteria_1.jpeg,
     # IM-0123-0001.jpeg, NORMAL2-IM-0123-0001.jpeg) | nih (00001280_004.png: the first 8 digits).
     group_pattern: str | None = None
+    # What group_pattern is applied to: name (the file name) | path (the path relative to input.path, e.g. MURA's
+    # (patient\d+)/ for XR_ELBOW/patient00011/study1_negative/image1.png).
+    group_source: Literal["name", "path"] = "name"
     # The label manifest's column that holds the group (group: manifest_column).
     group_column: str | None = None
 
@@ -67,6 +115,7 @@ class InputConfig:
     max_file_bytes: int = 256 * 1024 * 1024
     label: LabelConfig = field(default_factory=LabelConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
 
 
 @dataclass
@@ -260,10 +309,23 @@ class TrainConfig:
     positive_class: str | None = None
     # Register the best child run's model in the Model Registry under this name.
     register: str | None = None
-    # Metric that picks the best run (for register and compare): any test_* metric name.
+    # Metric that picks the best run (for register and compare): any test_* metric name (multi-label tables:
+    # test_auc_macro when this is left at test_f1_macro).
     select_metric: str = "test_f1_macro"
     # Tag "dataset" of the runs; null = "features-" + a keyed hash of the table's location (never its name).
     dataset: str | None = None
+    # Results per study / series (DICOM series_key) / patient (group_id) next to the image level: none | study |
+    # series | patient; the study (series) is then part of the split unit, so a split never cuts one.
+    aggregate: Literal["none", "study", "series", "patient"] = "none"
+    # How the images' probabilities of one study become the study's: mean (MURA) | max | noisy_or.
+    aggregation: Literal["mean", "max", "noisy_or"] = "mean"
+    # Pool the slices of one volume (same path, several slice_index) into one row before the head: none | mean | max.
+    pool_slices: Literal["none", "mean", "max"] = "none"
+    # Multi-label: each finding's threshold, chosen on held-out training units: youden | sensitivity (reaching
+    # train.validity.target_sensitivity).
+    threshold: Literal["youden", "sensitivity"] = "youden"
+    # Multi-label: share of the training units held out to choose the thresholds (0 = every threshold 0.5).
+    threshold_fraction: float = 0.15
     params: HeadParamsConfig = field(default_factory=HeadParamsConfig)
     grid: GridConfig = field(default_factory=GridConfig)
     keras: KerasHeadConfig = field(default_factory=KerasHeadConfig)
@@ -279,6 +341,11 @@ class PredictConfig:
     # A local copy of the weights file the model was trained with (its sha256 must match). By default predict
     # uses the file at the path recorded in the model, else the copy `train` logged with the run.
     weights: str | None = None
+    # Multi-label models: also write one row per study (series, patient) to <output>_studies, its images'
+    # probabilities combined: none | study (study_id) | series (series_key, DICOM) | patient (group_id).
+    aggregate: Literal["none", "study", "series", "patient"] = "none"
+    # How: mean | max | noisy_or; null = the aggregation the model was trained with (else mean).
+    aggregation: Literal["mean", "max", "noisy_or"] | None = None
 
 
 @dataclass

@@ -314,3 +314,140 @@ def make_medical_samples(root: str, per_kind: int = 2, seed: int = 0) -> dict[st
             fh.write(nifti_bytes(volume.astype(np.float32)))
         written.setdefault("nifti", []).append(path)
     return written
+
+
+# ---------------------------------------------------------------------------------------------
+# Radiology's label shapes (docs/labels.md): a MURA-shaped folder (the label in the study folder) and images named
+# by rows of the NIH ChestX-ray14 manifest (multi-label findings, patient ids).
+
+MURA_LABELS = ("negative", "positive")
+# The MURA folder pattern: input.label.folder_pattern for the study folder's name (study1_negative -> negative).
+MURA_FOLDER_PATTERN = r"^study\d+_(\w+)$"
+# input.study.pattern for MURA: the image's folder (XR_ELBOW/patient00011/study1_negative) is its study.
+MURA_STUDY_PATTERN = r"^(.*)/[^/]+$"
+# input.split.group_pattern with input.split.group_source=path: the patient folder.
+MURA_PATIENT_PATTERN = r"(patient\d+)/"
+
+
+@dataclass
+class MuraSampleSet:
+    """What ``make_mura_samples`` wrote: by relative path, each image's study label, study folder and patient."""
+
+    root: str
+    labels: dict[str, str]  # rel_path -> negative | positive (its study's)
+    studies: dict[str, str]  # rel_path -> the study folder, relative to root (XR_ELBOW/patient00011/study1_negative)
+    patients: dict[str, str]  # rel_path -> patient00011
+
+    @property
+    def study_labels(self) -> dict[str, str]:
+        """Study folder -> its label."""
+        return {self.studies[p]: label for p, label in self.labels.items()}
+
+
+def mura_array(rng: np.random.Generator, size: tuple[int, int], positive: bool) -> np.ndarray:
+    """A bone-radiograph-like float image in 0..1: a bright shaft on dark soft tissue; an abnormal study's views are
+    brighter and carry a dense blob (hardware, a callus), so that even random-weight features separate them."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    yy /= h
+    xx /= w
+    tilt = rng.uniform(-0.15, 0.15)
+    shaft = np.exp(-(((xx - 0.5 - tilt * (yy - 0.5)) / rng.uniform(0.08, 0.12)) ** 2))
+    img = 0.15 + 0.1 * rng.random() + 0.55 * shaft
+    if positive:
+        cx, cy, r = rng.uniform(0.4, 0.6), rng.uniform(0.3, 0.7), rng.uniform(0.06, 0.12)
+        img = img + 0.2 + 0.6 * np.exp(-(((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r)))
+    img = img + 0.03 * rng.standard_normal((h, w))
+    return np.clip(img, 0.0, 1.0)
+
+
+def make_mura_samples(root: str, patients: int = 6, studies: tuple[int, int] = (1, 2), images: tuple[int, int] = (2, 3),
+                      body_part: str = "XR_ELBOW", size: tuple[int, int] = (64, 64), seed: int = 0,
+                      first_patient: int = 11) -> MuraSampleSet:
+    """A MURA-shaped folder: ``root/XR_ELBOW/patient00011/study1_negative/image1.png``: ``patients`` patients with
+    ``studies`` (min, max) studies each and ``images`` (min, max) views per study; studies alternate negative and
+    positive in the order written, so both labels occur whatever the counts."""
+    rng = np.random.default_rng(seed)
+    out = MuraSampleSet(os.path.abspath(root), {}, {}, {})
+    k = 0
+    for p in range(patients):
+        patient = f"patient{first_patient + p:05d}"
+        for s in range(int(rng.integers(studies[0], studies[1] + 1))):
+            label = MURA_LABELS[k % 2]
+            k += 1
+            study = f"{body_part}/{patient}/study{s + 1}_{label}"
+            os.makedirs(os.path.join(root, study), exist_ok=True)
+            for i in range(int(rng.integers(images[0], images[1] + 1))):
+                rel = f"{study}/image{i + 1}.png"
+                data, _ = encode(mura_array(rng, size, label == "positive"), "rgb_png")
+                with open(os.path.join(root, rel), "wb") as fh:
+                    fh.write(data)
+                out.labels[rel], out.studies[rel], out.patients[rel] = label, study, patient
+    return out
+
+
+# The NIH ChestX-ray14 manifest's columns used here (the file has more: follow-up, age, sex, view, sizes, spacing).
+NIH_IMAGE, NIH_FINDINGS, NIH_PATIENT = "Image Index", "Finding Labels", "Patient ID"
+
+
+@dataclass
+class NihSampleSet:
+    """What ``make_nih_samples`` wrote: each manifest row's image (by its ``Image Index``) and the manifest."""
+
+    root: str
+    images: dict[str, str]  # Image Index (a bare file name) -> rel_path under root (images_001/00000001_000.png)
+    rows: list[dict[str, str]]  # the manifest rows the images were made for, as given
+    manifest: str | None = None  # the manifest written (a CSV, gzipped when its name ends in .gz), if asked for
+
+    def findings(self) -> dict[str, list[str]]:
+        """Image Index -> its sorted findings ([] for "No Finding")."""
+        return {r[NIH_IMAGE]: sorted({f.strip() for f in r[NIH_FINDINGS].split("|")} - {"No Finding", ""})
+                for r in self.rows}
+
+
+def read_nih_rows(path: str, n: int, every: int = 1) -> list[dict[str, str]]:
+    """``n`` rows of an NIH ChestX-ray14 manifest (``Data_Entry_2017*.csv``, gzipped or not): every ``every``-th
+    from the top (the manifest lists a patient's follow-ups together: a stride spreads the sample over more
+    patients), every column kept, as text."""
+    import csv
+    import gzip
+    import itertools
+
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", newline="") as fh:
+        return list(itertools.islice(csv.DictReader(fh), 0, n * every, every))
+
+
+def write_manifest(path: str, rows: list[dict[str, str]]) -> str:
+    """Write ``rows`` (dicts with the same keys) as a CSV with a header, gzipped when ``path`` ends in .gz."""
+    import csv
+    import gzip
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "wt", encoding="utf-8", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return os.path.abspath(path)
+
+
+def make_nih_samples(root: str, manifest_rows: list[dict[str, str]], folders: int = 3, size: tuple[int, int] = (64, 64),
+                     seed: int = 0, manifest: str | None = None) -> NihSampleSet:
+    """One generated X-ray per manifest row, named by its ``Image Index`` (a bare file name, as NIH's manifest has)
+    and spread over ``folders`` sub-folders (images_001, images_002, ... as NIH ships them); an image with findings
+    carries opacities. ``manifest``: also write the rows there (.csv or .csv.gz), to pass as input.label.manifest."""
+    rng = np.random.default_rng(seed)
+    out = NihSampleSet(os.path.abspath(root), {}, list(manifest_rows))
+    for i, row in enumerate(manifest_rows):
+        name = row[NIH_IMAGE]
+        rel = f"images_{i % folders + 1:03d}/{name}"
+        os.makedirs(os.path.join(root, os.path.dirname(rel)), exist_ok=True)
+        sick = row.get(NIH_FINDINGS, "No Finding").strip() not in ("", "No Finding")
+        data, _ = encode(xray_array(rng, size, sick), "rgb_png")
+        with open(os.path.join(root, rel), "wb") as fh:
+            fh.write(data)
+        out.images[name] = rel
+    if manifest:
+        out.manifest = write_manifest(manifest, out.rows)
+    return out

@@ -13,6 +13,7 @@ from imgfeat.backbones.registry import engine_for, get_backbone
 from imgfeat.config import Config
 from imgfeat.featurize.job import FINGERPRINT
 from imgfeat.io.decoders import DecodeOptions
+from imgfeat.io.labels import MULTI_COLUMNS
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -53,6 +54,7 @@ class ExtractResult:
     unlabelled: int = 0
     manifest_unmatched: int = 0
     ungrouped: int = 0  # grouped split: images whose group was not found (each is its own group)
+    no_study: int = 0  # input.study set: images whose study was not found (DICOM files may still get theirs)
     feature_rows: int = 0  # rows written to the features table: one per 2D image, one per selected slice
 
     def summary(self) -> str:
@@ -62,6 +64,9 @@ class ExtractResult:
         if self.ungrouped:
             warnings += (f"\n[imgfeat]   warning: {self.ungrouped} images match no group (input.split.group_pattern); "
                          "each is its own group")
+        if self.no_study:
+            warnings += (f"\n[imgfeat]   warning: {self.no_study} images match no study (input.study); each is "
+                         "its own study unless it is a DICOM file")
         if self.manifest_unmatched:
             warnings += (f"\n[imgfeat]   warning: {self.manifest_unmatched} rows of the label manifest match no listed "
                          "image (check their paths against --input)")
@@ -81,8 +86,9 @@ class ExtractResult:
 
 
 def decoded_attributes(inp: InputConfig) -> Callable[[DataFrame], DataFrame]:
-    """What is only known once a file is read, by the ``input`` settings: dicom_tag labels, and patient_key groups
-    (and their hash split); a function of the featurized rows."""
+    """What is only known once a file is read, by the ``input`` settings: dicom_tag labels, patient_key groups,
+    DICOM studies (study_key, where rows carry a study_id the input did not give), and then their hash split; a
+    function of the featurized rows."""
     label_from_tag = inp.label.effective_mode == "dicom_tag"
     split = inp.split
 
@@ -93,10 +99,13 @@ def decoded_attributes(inp: InputConfig) -> Callable[[DataFrame], DataFrame]:
 
         if label_from_tag:
             rows = rows.withColumn("label", F.coalesce(F.col("label"), F.col("label_value")))
+        study = "study_id" in rows.columns
+        if study:
+            rows = rows.withColumn("study_id", F.coalesce(F.col("study_id"), F.col("study_key")))
         if split.group == "patient_key":
             rows = rows.withColumn("group_id", F.col("patient_key"))
-            if split.mode == "hash":
-                rows = rows.withColumn("split", hash_split(split))
+        if split.mode == "hash" and (split.group == "patient_key" or study):
+            rows = rows.withColumn("split", hash_split(split, study))
         return rows
 
     return add
@@ -238,8 +247,9 @@ def _extract(spark: SparkSession, inp: InputConfig, inference: InferenceConfig, 
 def _warn_about_labels(report: dict[str, int]) -> None:
     for key, text in (("unlabelled", "listed images have no label"),
                       ("manifest_unmatched", "label-manifest rows match no listed image"),
-                      ("ungrouped", "images match no group; each is its own group")):
-        if report[key]:
+                      ("ungrouped", "images match no group; each is its own group"),
+                      ("no_study", "images match no study (input.study)")):
+        if report.get(key):
             log.warning("%d %s", report[key], text)
 
 
@@ -278,11 +288,13 @@ def _output_rows(featurized: Featurized, run: ScanRun, model: _Model, settings: 
         F.current_timestamp().alias("extracted_at"),
         F.lit(settings).alias("preprocess"),
     ]
+    # Multi-label findings and the study: only where the input gives them (other tables keep their columns).
+    targets = [c for c in (*MULTI_COLUMNS, "study_id") if c in featurized.rows.columns]
     feature_rows = featurized.rows.filter(F.col("error_class").isNull()).select(
-        "image_id", "path", "rel_path", "label", "split", "group_id",
+        "image_id", "path", "rel_path", "label", *targets, "split", "group_id",
         "features", "features_f16", *meta,
         F.lit(model.backbone.feature_dim).alias("feature_dim"),
         "width", "height", "source_mode", "format", "content_sha256", "phash", "slice_index", *METADATA, *FINGERPRINT,
     )
-    keys = ["image_id", "path", "rel_path", "label", "split", "group_id"]
+    keys = ["image_id", "path", "rel_path", "label", *targets, "split", "group_id"]
     return feature_rows, error_rows(featurized, keys, meta, METADATA)

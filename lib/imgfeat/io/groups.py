@@ -1,4 +1,5 @@
-"""Which images belong together (one patient): a group id per image, from its file name or the label manifest.
+"""Which images belong together (one patient): a group id per image, from its file name or path, or the label
+manifest.
 
 A grouped split keeps every image of a group on one side; two X-rays of one patient in train and test is the
 most common leak in published chest X-ray models (docs/validity.md).
@@ -42,13 +43,14 @@ def group_regex(pattern: str) -> str:
     return regex
 
 
-def group_from_name(pattern: str) -> Column:
-    """group_id from the file name of ``rel_path`` by ``pattern`` (input.split.group_pattern; null when the
-    pattern does not match)."""
+def group_from_name(pattern: str, source: str = "name") -> Column:
+    """group_id by ``pattern`` (input.split.group_pattern) from the file name of ``rel_path`` (``source`` name) or
+    the whole relative path (``source`` path: a patient folder, as MURA's patient00011/); null when it does not
+    match."""
     from pyspark.sql import functions as F
 
-    name = F.element_at(F.split(F.col("rel_path"), "/"), -1)
-    found = F.regexp_extract(name, group_regex(pattern), 1)
+    text = F.col("rel_path") if source == "path" else F.element_at(F.split(F.col("rel_path"), "/"), -1)
+    found = F.regexp_extract(text, group_regex(pattern), 1)
     return F.when(found != "", found)
 
 
@@ -57,7 +59,7 @@ def with_group(images: DataFrame, split: SplitConfig) -> DataFrame:
     from pyspark.sql import functions as F
 
     if split.group == "regex":
-        return images.withColumn("group_id", group_from_name(split.group_pattern or ""))
+        return images.withColumn("group_id", group_from_name(split.group_pattern or "", split.group_source))
     if split.group == "manifest_column":
         return images.withColumnRenamed("manifest_group", "group_id")
     # none, or patient_key (known once each DICOM file is read: extract fills it in and recomputes the split)

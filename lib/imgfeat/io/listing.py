@@ -48,7 +48,8 @@ def _extension_filter(extensions: list[str], extensionless: str = "include") -> 
 def list_files(spark: SparkSession, inp: InputConfig) -> tuple[DataFrame, DataFrame]:
     """(images, others): every visible file under ``inp.path`` (the ``input`` settings), split by extension.
 
-    ``images`` has path, rel_path, file_length, file_modification_time, image_id, label, group_id, split.
+    ``images`` has path, rel_path, file_length, file_modification_time, image_id, label, group_id, split; and
+    study_id (input.study set, or multi-label) and labels, label_mask, findings (multi-label).
     Hidden files and folders (names starting with '.' or '_') are skipped by Spark's listing.
     """
     from pyspark.sql import functions as F
@@ -56,6 +57,8 @@ def list_files(spark: SparkSession, inp: InputConfig) -> tuple[DataFrame, DataFr
     from imgfeat.io.groups import with_group
     from imgfeat.io.labels import with_label
     from imgfeat.io.splits import with_split
+    from imgfeat.io.studies import check_study_patients, with_study
+    from imgfeat.session import sql_conf
 
     root = input_root(spark, inp.path)
     raw = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(root)
@@ -84,8 +87,11 @@ def list_files(spark: SparkSession, inp: InputConfig) -> tuple[DataFrame, DataFr
         "rel_path", F.regexp_replace(F.col("path"), "^\\Q" + root + "/\\E", "")
     )
     images = images.withColumn("image_id", F.substring(F.sha2(F.col("rel_path"), 256), 1, 24))
-    images = with_label(spark, images, inp, root)
-    images = with_group(images, inp.split)
+    with sql_conf(spark, listing_settings(spark)):  # the checks of a manifest and of studies run here
+        images = with_label(spark, images, inp, root)
+        images = with_study(with_group(images, inp.split), inp)
+        if inp.study.configured and inp.split.group not in ("none", "patient_key"):
+            check_study_patients(images)
     images = with_split(images, inp.split)
     return images, others
 

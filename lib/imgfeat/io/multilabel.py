@@ -56,6 +56,14 @@ class FindingsSpec:
     def required_columns(self) -> list[str]:
         return [self.column] if self.column is not None else list(self.findings)
 
+    @property
+    def policy(self) -> str:
+        """How the targets were read, as the features table's ``label_policy`` records it (train and finetune log
+        it with their runs: a U-Ones model is not a U-Ignore model)."""
+        if self.delimited:
+            return f"delimited {self.column!r} sep {self.sep!r}: findings not named are negative"
+        return f"uncertain={self.uncertain}; blank={self.blank}"
+
 
 def _tokens(column: str, sep: str, none_value: str | None) -> Column:
     from pyspark.sql import functions as F

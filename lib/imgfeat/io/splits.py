@@ -28,23 +28,29 @@ def hash_bucket(seed: int, unit: Column, buckets: int | None = BUCKETS) -> Colum
     return F.pmod(hashed, F.lit(buckets)) / F.lit(float(buckets))
 
 
-def split_unit() -> Column:
-    """What stays on one side of a split: the image's group (``group:<group_id>``) when it has one, else its id."""
+def split_unit(study: bool = False) -> Column:
+    """What stays on one side of a split: the image's group (``group:<group_id>``) when it has one, else (``study``:
+    rows with a ``study_id`` column) its study (``study:<study_id>``), else its id. A study holds one patient
+    (``io.studies.check_study_patients``), so a grouped split never cuts a study either."""
     from pyspark.sql import functions as F
 
-    return F.coalesce(F.concat(F.lit("group:"), F.col("group_id")), F.col("image_id"))
+    units = [F.concat(F.lit("group:"), F.col("group_id"))]
+    if study:
+        units.append(F.concat(F.lit("study:"), F.col("study_id")))
+    return F.coalesce(*units, F.col("image_id"))
 
 
-def hash_split(split: SplitConfig) -> Column:
-    """Each image's split depends only on (seed, its group, or image_id when ungrouped): stable when files are
-    added or removed, every image of a group on one side, and stratified in expectation."""
+def hash_split(split: SplitConfig, study: bool = False) -> Column:
+    """Each image's split depends only on (seed, its group, else its study (``study``), else image_id): stable when
+    files are added or removed, every image of a group (and of a study) on one side, stratified in expectation."""
     from pyspark.sql import functions as F
 
-    return F.when(hash_bucket(split.seed, split_unit()) < split.test_fraction, "test").otherwise("train")
+    return F.when(hash_bucket(split.seed, split_unit(study)) < split.test_fraction, "test").otherwise("train")
 
 
 def with_split(images: DataFrame, split: SplitConfig) -> DataFrame:
-    """``split`` by input.split.mode: none (null), folder (the folder at split.folder_level), hash."""
+    """``split`` by input.split.mode: none (null), folder (the folder at split.folder_level), hash (by study too
+    when the rows have a ``study_id``)."""
     from pyspark.sql import functions as F
 
     from imgfeat.io.labels import folder_at
@@ -53,4 +59,4 @@ def with_split(images: DataFrame, split: SplitConfig) -> DataFrame:
         return images.withColumn("split", F.lit(None).cast("string"))
     if split.mode == "folder":
         return images.withColumn("split", folder_at(split.folder_level))
-    return images.withColumn("split", hash_split(split))
+    return images.withColumn("split", hash_split(split, "study_id" in images.columns))
