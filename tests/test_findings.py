@@ -58,6 +58,20 @@ def test_masked_targets_are_out_of_every_metric():
     assert report.micro_auc == pytest.approx(roc_auc_score(targets.y.ravel()[pooled], scores.ravel()[pooled]))
 
 
+def test_a_finding_training_saw_with_one_class_is_reported_and_left_out_of_the_means():
+    targets, scores, units = _task()
+    train = Targets(targets.names, np.c_[targets.y[:, :1], np.zeros((len(targets.y), 2))], targets.mask)
+    assert train.one_class() == ["Nodule", "Hernia"]  # Nodule: no known positive in training
+    report = evaluate_findings(targets, scores, [0.5] * 3, units, resamples=100, one_class=train.one_class())
+    effusion, nodule, _ = report.findings
+    assert nodule.status == "one class in training" and nodule.metrics["auc"] is None
+    assert nodule.intervals["auc"] == [None, None] and nodule.positives > 0 and nodule.metrics["prevalence"] > 0
+    assert report.macro_auc == pytest.approx(effusion.metrics["auc"])
+    known = targets.mask[:, 0]
+    assert report.micro_auc == pytest.approx(roc_auc_score(targets.y[known, 0], scores[known, 0]))
+    assert "one class in training" in findings_table(report)["note"].tolist()
+
+
 def test_a_finding_without_positives_is_reported_not_averaged():
     targets, scores, units = _task()
     report = evaluate_findings(targets, scores, [0.5] * 3, units, resamples=100)

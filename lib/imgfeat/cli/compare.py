@@ -7,7 +7,7 @@ from typing import Any
 
 from imgfeat.config import Config
 
-HELP = "compare the runs of the latest `imgfeat train` in an MLflow experiment"
+HELP = "compare the runs of the latest `imgfeat train` in an MLflow experiment (multi-label: with the best run's per-finding table)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,7 +39,14 @@ def run(a: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     print("[imgfeat] *_ci: 95 % bootstrap intervals; equal ranks are ties (overlapping intervals)")
     if table.attrs.get("paired_test"):
         print(f"[imgfeat] best two, paired on the same test images: {table.attrs['paired_test']}")
+    findings = table.attrs.get("findings")
+    if findings is not None:
+        print(f"[imgfeat] per finding, {table.attrs['findings_title']} (sorted by {table.attrs['sort_by']}):")
+        with pd.option_context("display.max_columns", None, "display.width", 250):
+            print(pd.DataFrame(findings).to_string(index=False), flush=True)
+        print("[imgfeat] also logged as comparison_findings.md/.csv")
     print(f"[imgfeat] logged comparison.md/.csv/.png to parent run {table.attrs['parent_run_id']}; "
           f"open the MLflow UI with: mlflow ui --backend-store-uri {tracking_uri(cfg.mlflow)}")
     return {"parent_run_id": table.attrs["parent_run_id"], "positive_class": table.attrs["positive_class"],
-            "paired_test": table.attrs.get("paired_test"), "rows": table.to_dict(orient="records")}
+            "paired_test": table.attrs.get("paired_test"), "rows": table.to_dict(orient="records"),
+            **({"findings": findings} if findings is not None else {})}

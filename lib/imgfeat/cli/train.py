@@ -30,6 +30,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-label-conflicts", action="store_const", const=True,
                    help="train even if identical files carry different labels (one of them is wrong)")
     p.add_argument("--target-sensitivity", type=float, help="binary: report the operating point at this sensitivity (0.95)")
+    p.add_argument("--aggregate", choices=["none", "study", "series", "patient"],
+                   help="also report results per study / series / patient (the split then never cuts one)")
+    p.add_argument("--aggregation", choices=["mean", "max", "noisy_or"], help="how a study's image probabilities combine (mean)")
+    p.add_argument("--pool-slices", choices=["none", "mean", "max"], help="pool a volume's slices into one row before the head")
+    p.add_argument("--threshold", choices=["youden", "sensitivity"],
+                   help="multi-label: how each finding's threshold is chosen on held-out training patients (youden)")
 
 
 def overrides(a: argparse.Namespace) -> dict[str, Any]:
@@ -50,6 +56,10 @@ def overrides(a: argparse.Namespace) -> dict[str, Any]:
         "train.validity.allow_duplicates": a.allow_duplicates,
         "train.validity.allow_label_conflicts": a.allow_label_conflicts,
         "train.validity.target_sensitivity": a.target_sensitivity,
+        "train.aggregate": a.aggregate,
+        "train.aggregation": a.aggregation,
+        "train.pool_slices": a.pool_slices,
+        "train.threshold": a.threshold,
     }
 
 

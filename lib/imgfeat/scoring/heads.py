@@ -10,6 +10,10 @@ does (same raw scores, same probabilities, same argmax) and explains single pred
   logistic loss gives P(1) = 1 / (1 + exp(-2 margin))).
 - ``mlp``: the Keras head (softmax regression or one hidden ReLU layer), weights only.
 - ``ovr``: one binary head per class (MLlib's OneVsRest for multiclass svc/gbt); raw = each one's margin.
+- ``findings`` (multi-label): one probability per finding, ``meta["findings"]`` in order. Mode ``per_finding``:
+  one binary probabilistic part per finding (``linear`` lr, ``trees`` rf/dt/gbt, or ``constant``: a finding seen
+  with one class only in training, scored as its training rate); mode ``masked_bce``: the multi-output network of
+  ``imgfeat.train.finding_heads.fit_masked_bce`` (``kernel_i``/``bias_i``, a sigmoid per finding).
 
 Saved as one ``.npz`` (numeric arrays only, loaded with ``allow_pickle=False``) and a JSON description.
 """
@@ -23,12 +27,12 @@ from typing import Any
 
 import numpy as np
 
-KINDS = ("linear", "trees", "mlp", "ovr")
+KINDS = ("linear", "trees", "mlp", "ovr", "findings", "constant")
 
 
 @dataclass
 class HeadArrays:
-    kind: str  # linear | trees | mlp | ovr
+    kind: str  # linear | trees | mlp | ovr | findings | constant
     arrays: dict[str, np.ndarray]
     meta: dict[str, Any] = field(default_factory=dict)  # e.g. {"probabilistic": True, "mode": "rf"}
     parts: list[HeadArrays] = field(default_factory=list)  # ovr: one binary head per class
@@ -53,6 +57,11 @@ class HeadArrays:
             return self._trees(x)
         if self.kind == "ovr":
             return np.stack([part.margin(x) for part in self.parts], axis=1)
+        if self.kind == "findings":
+            return self.finding_probabilities(x)
+        if self.kind == "constant":
+            rate = np.full(len(x), float(self.arrays["rate"][0]))
+            return np.stack([1.0 - rate, rate], axis=1)
         raise ValueError(f"unknown head kind {self.kind!r}; expected one of {', '.join(KINDS)}")
 
     def margin(self, x: np.ndarray) -> np.ndarray:
@@ -63,9 +72,29 @@ class HeadArrays:
             return self.raw_scores(x)[:, 1]
         raise ValueError(f"a {self.kind} head ({self.meta.get('mode')}) is not a one-vs-rest part")
 
+    @property
+    def findings(self) -> list[str]:
+        """A ``findings`` head's finding names, in the order of its probabilities; [] for other heads."""
+        return list(self.meta.get("findings", [])) if self.kind == "findings" else []
+
+    def finding_probabilities(self, x: np.ndarray) -> np.ndarray:
+        """(n, findings): P(finding present) per image, for a ``findings`` head."""
+        if self.kind != "findings":
+            raise ValueError(f"a {self.kind} head has classes, not findings: use predict")
+        x = np.asarray(x, dtype=np.float64)
+        if self.meta.get("mode") == "masked_bce":
+            with np.errstate(over="ignore"):
+                return 1.0 / (1.0 + np.exp(-self._mlp_logits(x)))
+        if not self.parts:
+            return np.zeros((len(x), 0))
+        return np.stack([part.raw_scores(x)[:, 1] for part in self.parts], axis=1)
+
     def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(class index, class probabilities): the margins of svc/ovr heads go through a softmax, as train
         evaluates them (``imgfeat.train.metrics.scores_to_proba``)."""
+        if self.kind == "findings":
+            raise ValueError("a findings (multi-label) head has one probability per finding, not one class: use "
+                             "finding_probabilities and the thresholds in classifier.json")
         raw = self.raw_scores(x)
         proba = raw if self.probabilistic else _softmax(raw)
         return np.argmax(raw, axis=1), proba
@@ -120,6 +149,8 @@ class HeadArrays:
         features, "gradient" for a hidden layer, "path" for trees: Saabas' per-feature path contributions
         divided by the feature values)."""
         x = np.asarray(x, dtype=np.float64).reshape(1, -1)
+        if self.kind == "findings":
+            return self._finding_direction(x, k)
         if self.kind == "linear":
             w = self.arrays["weights"]
             return w[k] - w.mean(axis=0), "exact"
@@ -146,6 +177,25 @@ class HeadArrays:
             return column / _safe(x[0]), "path"
         raise ValueError(f"unknown head kind {self.kind!r}")
 
+    def _finding_direction(self, x: np.ndarray, k: int) -> tuple[np.ndarray, str]:
+        """The direction in which finding ``k``'s logit grows (its part's class-1 direction; the network's
+        output ``k`` for masked_bce)."""
+        if self.meta.get("mode") == "masked_bce":
+            w0 = self.arrays["kernel_0"].astype(np.float64)
+            if int(self.meta["layers"]) == 1:
+                return w0[:, k], "exact"
+            hidden: list[np.ndarray] = []
+            self._mlp_logits(x, hidden)
+            gate = (hidden[0][0] > 0).astype(np.float64)
+            return w0 @ (gate * self.arrays["kernel_1"].astype(np.float64)[:, k]), "gradient"
+        part = self.parts[k]
+        if part.kind == "constant":
+            return np.zeros(x.shape[1]), "exact"
+        if part.kind == "linear":
+            w = part.arrays["weights"]
+            return w[1] - w[0], "exact"
+        return part.class_direction(x, 1)
+
     def _path_contributions(self, x: np.ndarray) -> np.ndarray:
         """(features, classes): for one row, how much each feature's splits moved the head's output along the
         decision paths (Saabas): every step from a node to its child adds child value - node value."""
@@ -165,14 +215,17 @@ class HeadArrays:
 
     # -- persistence ------------------------------------------------------------------------------
 
-    def save(self, folder: str) -> None:
-        os.makedirs(folder, exist_ok=True)
+    def flat(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """(the JSON description, every array by its file key: a part's as ``part<i>__<name>``)."""
         arrays = {k: np.asarray(v) for k, v in self.arrays.items()}
         for i, part in enumerate(self.parts):
             arrays.update({f"part{i}__{k}": np.asarray(v) for k, v in part.arrays.items()})
+        return {"kind": self.kind, "meta": self.meta, "parts": [{"kind": p.kind, "meta": p.meta} for p in self.parts]}, arrays
+
+    def save(self, folder: str) -> None:
+        os.makedirs(folder, exist_ok=True)
+        description, arrays = self.flat()
         np.savez(os.path.join(folder, "head.npz"), **arrays)
-        description = {"kind": self.kind, "meta": self.meta,
-                       "parts": [{"kind": p.kind, "meta": p.meta} for p in self.parts]}
         with open(os.path.join(folder, "head.json"), "w", encoding="utf-8") as fh:
             json.dump(description, fh, indent=2)
 
@@ -182,6 +235,11 @@ class HeadArrays:
             description = json.load(fh)
         with np.load(os.path.join(folder, "head.npz"), allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
+        return cls.from_flat(description, arrays)
+
+    @classmethod
+    def from_flat(cls, description: dict[str, Any], arrays: dict[str, np.ndarray]) -> HeadArrays:
+        """The head ``flat`` described."""
         parts = []
         for i, p in enumerate(description["parts"]):
             prefix = f"part{i}__"

@@ -53,23 +53,42 @@ class ClassifierInfo:
     head_kind: str  # HeadArrays.kind
     run_id: str | None = None
     weights_file: str | None = None  # weights/<name> inside the folder, with weights: file; absent from the file otherwise
+    # Multi-label (task "multi"): the findings in the head's order (labels = the same list), each one's decision
+    # threshold; task, findings and thresholds are absent from a single-label file (it reads as before).
+    task: str = "single"  # single | multi
+    findings: list[str] | None = None
+    thresholds: list[float] | None = None
+    # How a study's images combine into the study's probabilities (train.aggregation: mean | max | noisy_or);
+    # absent (None) when the run did not aggregate.
+    aggregation: str | None = None
 
     @classmethod
     def describe(cls, *, model_name: str, weights: str, weights_sha256: str, seed: int, weights_id: str,
                  decode: DecodeOptions, precision: str, labels: list[str], head_name: str, head_kind: str,
-                 run_id: str | None = None) -> ClassifierInfo:
-        """The description of a ``model_name`` backbone + head; engine and feature width from the registry."""
+                 run_id: str | None = None, findings: list[str] | None = None, thresholds: list[float] | None = None,
+                 aggregation: str | None = None) -> ClassifierInfo:
+        """The description of a ``model_name`` backbone + head; engine and feature width from the registry.
+        ``findings`` (with ``thresholds``): a multi-label head (task multi)."""
         backbone = get_backbone(model_name)
+        multi = {"task": "multi", "findings": list(findings), "thresholds": [float(t) for t in thresholds or []]} \
+            if findings is not None else {}
         return cls(backbone=model_name, engine=backbone.engine, input_size=decode.size, feature_dim=backbone.feature_dim,
                    weights=weights, weights_id=weights_id, weights_sha256=weights_sha256, seed=seed, decode=decode,
-                   precision=precision, labels=list(labels), head=head_name, head_kind=head_kind, run_id=run_id)
+                   precision=precision, labels=list(labels), head=head_name, head_kind=head_kind, run_id=run_id,
+                   aggregation=aggregation, **multi)
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object of ``classifier.json`` (``weights_file`` only when there is one)."""
+        """The JSON object of ``classifier.json`` (``weights_file`` only when there is one; the multi-label fields
+        only for task multi; ``aggregation`` only when set)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out.update(decode=self.decode.to_dict(), labels=list(self.labels))
         if self.weights_file is None:
             del out["weights_file"]
+        if self.task == "single":
+            for key in ("task", "findings", "thresholds"):
+                del out[key]
+        if self.aggregation is None:
+            del out["aggregation"]
         return out
 
     @classmethod

@@ -2,8 +2,9 @@
 
 ``train_backbone`` prepares a backbone's rows once (indexed labels, the shared split, class weights) and runs
 every head on them; ``run_child`` is one MLflow child run: fit (optionally tuned with CrossValidator or
-TrainValidationSplit), predict the test rows in path order, evaluate (metrics, bootstrap intervals, calibration),
-log params, metrics, plots and the two models (``train.image_model``).
+TrainValidationSplit), predict the test rows in path order, evaluate (metrics, bootstrap intervals, calibration;
+with ``train.aggregate``, the same per study / series / patient: ``train.aggregate``), log params, metrics, plots
+and the two models (``train.image_model``). Multi-label tables run ``train.multilabel`` instead.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class ChildRun:
     metrics: dict[str, float]
     params: dict[str, Any]
     seconds: float
+    findings_table: str | None = None  # multi-label: the per-finding table (text), image level
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class Shared:
     dataset: str
     params: dict[str, Any]  # logged with every child run
     class_weight: dict[int, float] | None
+    multi: bool = False  # a multi-label table: labels are its findings
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,7 @@ def train_backbone(spark: SparkSession, backbone: Backbone, labelled: DataFrame,
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
-    rows = _backbone_rows(labelled, backbone, split, indexer, shared.class_weight)
+    rows = _backbone_rows(labelled, backbone, split, indexer, shared.class_weight, shared.tc.aggregate)
     # Few partitions: every MLlib iteration is a Spark job over all of them (not 200 shuffle partitions).
     rows = rows.repartition(max(1, spark.sparkContext.defaultParallelism)).persist(StorageLevel.MEMORY_AND_DISK)
     data = Rows(rows.filter(~F.col("is_test")), rows.filter(F.col("is_test")), len(rows.select(FEATURES_COL).first()[0]))
@@ -84,16 +87,19 @@ def train_backbone(spark: SparkSession, backbone: Backbone, labelled: DataFrame,
 
 
 def _backbone_rows(labelled: DataFrame, backbone: Backbone, split: DataFrame, indexer: Any,
-                   class_weight: dict[int, float] | None) -> DataFrame:
-    """The backbone's rows with a label index, a feature vector, the split (rows outside it dropped), weights."""
+                   class_weight: dict[int, float] | None, aggregate: str = "none") -> DataFrame:
+    """The backbone's rows with a label index, a feature vector, the split (rows outside it dropped), weights,
+    and (``aggregate``) the study / series / patient key ``agg_key``."""
     from pyspark.ml.functions import array_to_vector
     from pyspark.sql import functions as F
 
+    from imgfeat.train.aggregate import key_column
     from imgfeat.train.split import with_item
 
     rows = labelled.filter((F.col("model") == backbone.model_name) & (F.col("weights_id") == backbone.weights_id))
+    keys = [key_column(aggregate).alias("agg_key")] if aggregate != "none" else []
     rows = with_item(rows).dropDuplicates(["item"]).select(
-        "item", "label", array_to_vector(F.col("features")).alias(FEATURES_COL))
+        "item", "label", array_to_vector(F.col("features")).alias(FEATURES_COL), *keys)
     rows = indexer.transform(rows).join(split.select("item", "is_test", "unit"), on="item", how="inner")
     rows = rows.filter(F.col("is_test").isNotNull())
     return rows.withColumn(WEIGHT_COL, _weight_column(class_weight)) if class_weight else rows
@@ -125,13 +131,17 @@ def run_child(spark: SparkSession, backbone: Backbone, data: Rows, head: str,
                                        shared.class_weight)
         metrics, report, scored = _evaluate(fitted, data.test, shared)
         y, p, proba, items = scored
+        level_report = report.pop("aggregated", None)
         child_params = {**shared.params, "backbone": backbone.model_name, "weights_id": backbone.weights_id,
                         "head": head, "feature_dim": data.input_dim, **{f"head_{k}": v for k, v in head_params.items()},
                         "preprocess": json.dumps(backbone.featurizer.decode_options().to_dict(), sort_keys=True)}
         check_metadata(child_params, tags)  # no image content or patient fields in run metadata
         mlflow.log_params(child_params)
         _log_child(metrics, report, y, proba, shared.labels, f"{backbone.name} / {head} on {shared.dataset}")
-        log_image_model(backbone.featurizer, fitted, shared.labels, head, child.info.run_id)
+        if level_report:
+            mlflow.log_dict(level_report, f"classification_report_{shared.tc.aggregate}.json")
+        aggregation = shared.tc.aggregation if shared.tc.aggregate != "none" else None
+        log_image_model(backbone.featurizer, fitted, shared.labels, head, child.info.run_id, aggregation=aggregation)
         run = ChildRun(backbone.model_name, backbone.weights_id, head, child.info.run_id, metrics, head_params,
                        round(time.time() - t0, 2))
     return run, dict(zip(items, (y == p), strict=True))
@@ -148,6 +158,13 @@ def _evaluate(fitted: Any, test: DataFrame, shared: Shared) -> tuple[dict[str, f
     extra, report["calibration"] = _calibration(y, proba, shared.labels, tc.validity, tc.positive_class)
     metrics.update(extra)
     report["scores"] = "probability" if probabilistic else "softmax of raw margins (no probabilities)"
+    if tc.aggregate != "none":
+        from imgfeat.train.aggregate import aggregated_single
+
+        extra, report["aggregated"] = aggregated_single(
+            keys["agg_key"].to_numpy(), keys["unit"].to_numpy(), y, proba, shared.labels, tc.aggregate,
+            tc.aggregation, tc.validity, tc.seed)
+        metrics.update(extra)
     return metrics, report, (y, p, proba, list(keys["item"]))
 
 
@@ -203,15 +220,16 @@ def _predictions(model: Any, test: DataFrame) -> tuple[np.ndarray, np.ndarray, n
     from pyspark.sql import functions as F
 
     scored = model.transform(test)
-    cols = ["item", "unit", F.col(LABEL_COL).alias("y"), F.col(PREDICTION_COL).alias("p")]
+    key_cols = ["item", "unit", *(["agg_key"] if "agg_key" in test.columns else [])]
+    cols = [*key_cols, F.col(LABEL_COL).alias("y"), F.col(PREDICTION_COL).alias("p")]
     score_col = next((c for c in ("probability", "rawPrediction") if c in scored.columns), None)
     if score_col is None:
         pdf = scored.select(*cols).orderBy("item").toPandas()
-        return pdf["y"].to_numpy(), pdf["p"].to_numpy(), None, False, pdf[["item", "unit"]]
+        return pdf["y"].to_numpy(), pdf["p"].to_numpy(), None, False, pdf[key_cols]
     cols.append(vector_to_array(F.col(score_col)).alias("s"))
     pdf = scored.select(*cols).orderBy("item").toPandas()
     scores = np.stack(pdf["s"].to_numpy()) if len(pdf) else None
-    return pdf["y"].to_numpy(), pdf["p"].to_numpy(), scores, score_col == "probability", pdf[["item", "unit"]]
+    return pdf["y"].to_numpy(), pdf["p"].to_numpy(), scores, score_col == "probability", pdf[key_cols]
 
 
 def _calibration(y: np.ndarray, proba: np.ndarray | None, labels: list[str], validity: ValidityConfig,

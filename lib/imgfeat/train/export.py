@@ -50,6 +50,35 @@ def export_head(model: Any) -> HeadArrays:
     raise ValueError(f"cannot export a {name} head to arrays")
 
 
+def export_findings(models: list[Any], names: list[str], head: str) -> HeadArrays:
+    """A ``findings`` head from ``fit_per_finding``'s models (one binary MLlib model per finding, in ``names``
+    order; a ``ConstantFinding`` becomes a ``constant`` part)."""
+    from imgfeat.train.finding_heads import ConstantFinding
+
+    if len(models) != len(names):
+        raise ValueError(f"{len(models)} fitted models for {len(names)} findings")
+    parts = []
+    for name, model in zip(names, models, strict=True):
+        if isinstance(model, ConstantFinding):
+            parts.append(HeadArrays("constant", {"rate": np.array([model.rate])}, {"probabilistic": True, "mode": "constant"}))
+            continue
+        part = export_head(model)
+        if not part.probabilistic or part.kind not in ("linear", "trees"):
+            raise ValueError(f"the {name} head ({type(model).__name__}) is not a binary probabilistic model")
+        parts.append(part)
+    return HeadArrays("findings", {}, {"probabilistic": True, "mode": "per_finding", "head": head,
+                                       "findings": list(names)}, parts)
+
+
+def export_masked_head(head: Any, names: list[str]) -> HeadArrays:
+    """A ``findings`` head from ``fit_masked_bce``'s ``MaskedHead`` (its layers' kernels and biases)."""
+    arrays = {}
+    for i, (w, b) in enumerate(zip(head.kernels, head.biases, strict=True)):
+        arrays[f"kernel_{i}"], arrays[f"bias_{i}"] = np.asarray(w, np.float64), np.asarray(b, np.float64)
+    return HeadArrays("findings", arrays, {"probabilistic": True, "mode": "masked_bce", "head": "keras",
+                                           "layers": len(head.kernels), "findings": list(names)})
+
+
 def _export_trees(model: Any, mode: str) -> HeadArrays:
     import pyarrow.parquet as pq
 

@@ -13,15 +13,16 @@ never as an AUC of NaN hidden in a mean. NumPy only: the collected test predicti
 from __future__ import annotations
 
 import warnings
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
+from imgfeat.scoring.aggregate import AGGREGATIONS, aggregate  # noqa: F401 (moved to scoring; re-exported)
 from imgfeat.train.uncertainty import resample_weights
 
 THRESHOLD_METHODS = ("youden", "sensitivity")
-AGGREGATIONS = ("mean", "max", "noisy_or")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,15 @@ class Targets:
     names: tuple[str, ...]
     y: np.ndarray
     mask: np.ndarray
+
+    def one_class(self) -> list[str]:
+        """The findings whose known rows hold one class only (or none): nothing to learn from them."""
+        out = []
+        for j, name in enumerate(self.names):
+            known = self.y[self.mask[:, j], j] > 0.5
+            if known.all() or not known.any():
+                out.append(name)
+        return out
 
     @classmethod
     def from_rows(cls, names: list[str], positives: list[list[str] | None], masked: list[list[str] | None]) -> Targets:
@@ -104,7 +114,8 @@ class FindingResult:
     negatives: int
     masked: int  # test images whose target is unknown for this finding: in neither count nor any metric
     threshold: float
-    status: str = "ok"  # ok | no positive test example | no negative test example | no known test example
+    # ok | no positive test example | no negative test example | no known test example | one class in training
+    status: str = "ok"
     metrics: dict[str, float | None] = field(default_factory=dict)  # auc, ap, sensitivity, specificity, prevalence
     intervals: dict[str, list[float | None]] = field(default_factory=dict)  # metric -> [low, high]
 
@@ -133,6 +144,18 @@ def _percentiles(values: np.ndarray, confidence: float) -> list[float | None]:
 
 def _value(x: float) -> float | None:
     return None if not np.isfinite(x) else float(x)
+
+
+ONE_CLASS_IN_TRAINING = "one class in training"  # nothing was learned: the head scores its training rate
+
+
+def _untrained(result: FindingResult) -> FindingResult:
+    """``result`` of a finding that training saw with one class: its test counts and prevalence, no score metric
+    (a constant score's AUC of 0.5 would pass for a measurement)."""
+    keep = {"prevalence"}
+    return FindingResult(result.name, result.positives, result.negatives, result.masked, result.threshold,
+                         ONE_CLASS_IN_TRAINING, {k: (v if k in keep else None) for k, v in result.metrics.items()},
+                         {k: (v if k in keep else [None, None]) for k, v in result.intervals.items()})
 
 
 def _status(positives: int, negatives: int) -> str:
@@ -168,8 +191,9 @@ def _micro_auc(targets: Targets, scores: np.ndarray, weights: np.ndarray) -> np.
 
 def evaluate_findings(targets: Targets, scores: np.ndarray, thresholds: list[float], units: np.ndarray,
                       resamples: int = 1000, confidence: float = 0.95, seed: int = 42,
-                      level: str = "image") -> FindingsReport:
-    """Per-finding metrics of ``scores`` (n, k) against ``targets``, resampling ``units`` (patients) together."""
+                      level: str = "image", one_class: Collection[str] = ()) -> FindingsReport:
+    """Per-finding metrics of ``scores`` (n, k) against ``targets``, resampling ``units`` (patients) together;
+    the findings ``one_class`` (one class in training) are reported as such and left out of the means."""
     scores = np.asarray(scores, dtype=float)
     n = scores.shape[0]
     weights = resample_weights(np.asarray(units), resamples, seed) if resamples and n else np.zeros((0, n))
@@ -177,6 +201,8 @@ def evaluate_findings(targets: Targets, scores: np.ndarray, thresholds: list[flo
     for j, name in enumerate(targets.names):
         result, auc = _one_finding(name, targets.y[:, j] > 0.5, scores[:, j], targets.mask[:, j], thresholds[j],
                                    weights, confidence)
+        if name in one_class:
+            result = _untrained(result)
         results.append(result)
         aucs.append(auc if result.status == "ok" else np.full(len(weights) + 1, np.nan))
     stacked = np.vstack(aucs) if aucs else np.full((1, len(weights) + 1), np.nan)
@@ -184,32 +210,12 @@ def evaluate_findings(targets: Targets, scores: np.ndarray, thresholds: list[flo
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # resamples where no finding has both classes
         macro = np.nanmean(stacked[usable], axis=0) if usable.any() else np.full(stacked.shape[1], np.nan)
-    micro = _micro_auc(targets, scores, weights) if n else np.full(1, np.nan)
+    learned = Targets(targets.names, targets.y, targets.mask & ~np.isin(np.array(targets.names), list(one_class)))
+    micro = _micro_auc(learned, scores, weights) if n else np.full(1, np.nan)
     return FindingsReport(results, _value(macro[0]), _value(micro[0]),
                           {"macro_auc": _percentiles(macro[1:], confidence),
                            "micro_auc": _percentiles(micro[1:], confidence)},
                           confidence, resamples, level)
-
-
-def aggregate(keys: np.ndarray, probabilities: np.ndarray, how: str = "mean") -> tuple[np.ndarray, np.ndarray]:
-    """(distinct keys, (m, k) probabilities) of the images of each key (a study, series, patient): their mean,
-    maximum, or noisy-OR (1 - prod(1 - p): the chance that at least one image shows the finding)."""
-    if how not in AGGREGATIONS:
-        raise ValueError(f"aggregation {how!r}: use one of {', '.join(AGGREGATIONS)}")
-    uniq, inverse = np.unique(np.asarray(keys), return_inverse=True)
-    p = np.asarray(probabilities, dtype=float)
-    out = np.zeros((len(uniq), p.shape[1]))
-    if how == "mean":
-        np.add.at(out, inverse, p)
-        out /= np.bincount(inverse, minlength=len(uniq))[:, None]
-    elif how == "max":
-        out[:] = -np.inf
-        np.maximum.at(out, inverse, p)
-    else:
-        logs = np.zeros_like(out)
-        np.add.at(logs, inverse, np.log1p(-np.clip(p, 0.0, 1.0 - 1e-12)))
-        out = -np.expm1(logs)
-    return uniq, out
 
 
 def aggregate_targets(keys: np.ndarray, targets: Targets) -> tuple[np.ndarray, Targets, list[str]]:

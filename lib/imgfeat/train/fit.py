@@ -7,6 +7,10 @@ recorded preprocessing (``_backbones``); in one parent run: log the shared param
 stop on one (``_audit``, ``train.audit``), record the held-out images (``_log_test_set``), run every head on every
 backbone (``train.child``: fit, predict, evaluate, log the child run and its models), pick the best and test it
 against the runner-up (``_pick_best``); register the best model (``_register``).
+
+Multi-label tables (a ``findings`` column: ``labels``, ``label_mask``) take the same steps with per-finding heads
+and results (``train.multilabel``); ``train.pool_slices`` pools a volume's slices into one row when the table is
+read, ``train.aggregate`` adds study / series / patient results (``train.aggregate``).
 """
 
 from __future__ import annotations
@@ -53,6 +57,9 @@ class TrainResult:
     audit: dict[str, Any] | None = None  # the leakage report (train.audit.AuditReport)
     paired_test: dict[str, Any] | None = None  # McNemar between the best two runs
     dataset: str = ""  # the runs' "dataset" tag: train.dataset, else a keyed hash of the table's location
+    task: str = "single"  # single | multi (labels are then the findings)
+    select_metric: str = ""  # the metric that picked the best run
+    aggregate: str = "none"  # the level of the aggregated results (train.aggregate)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,16 +82,28 @@ class TrainResult:
                 f"train/test), {a['near_duplicate_pairs']} near-duplicate pairs ({a['near_cross_split_count']} across), "
                 f"{a['groups']} groups ({a['groups_across_splits_count']} on both sides)")
 
-        def interval(r: ChildRun, name: str) -> str:
-            value = r.metrics.get(f"test_{name}", float("nan"))
-            low, high = r.metrics.get(f"test_{name}_ci_low"), r.metrics.get(f"test_{name}_ci_high")
+        def interval(r: ChildRun, name: str, prefix: str = "test_") -> str:
+            value = r.metrics.get(f"{prefix}{name}", float("nan"))
+            low, high = r.metrics.get(f"{prefix}{name}_ci_low"), r.metrics.get(f"{prefix}{name}_ci_high")
             return f"{value:.4f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else "")
 
+        level = self.aggregate
         for r in self.runs:
-            lines.append(
-                f"[imgfeat]   {r.backbone:<14} {r.head:<5} accuracy {interval(r, 'accuracy')}  "
-                f"macro F1 {interval(r, 'f1_macro')}  AUC {interval(r, 'roc_auc')}  ({r.seconds:.1f}s)  run {r.run_id}"
-            )
+            keys = int(r.metrics.get(f"{level}_n_test", 0))
+            if self.task == "multi":
+                line = f"macro AUC {interval(r, 'auc_macro')}  micro AUC {interval(r, 'auc_micro')}"
+                extra = (f"  {level} ({keys} in test): macro AUC {interval(r, f'{level}_test_auc_macro', '')}"
+                         if level != "none" else "")
+            else:
+                line = (f"accuracy {interval(r, 'accuracy')}  macro F1 {interval(r, 'f1_macro')}  "
+                        f"AUC {interval(r, 'roc_auc')}")
+                extra = (f"  {level} ({keys} in test): kappa {interval(r, f'{level}_test_kappa', '')}  AUC "
+                         f"{interval(r, f'{level}_test_roc_auc', '')}") if level != "none" else ""
+            lines.append(f"[imgfeat]   {r.backbone:<14} {r.head:<5} {line}{extra}  ({r.seconds:.1f}s)  run {r.run_id}")
+        best = next((r for r in self.runs if r.run_id == self.best_run_id), None)
+        if best is not None and best.findings_table:
+            lines.append(f"[imgfeat]   per finding, best run ({best.backbone} / {best.head}, by {self.select_metric}), "
+                         + best.findings_table.replace("\n", "\n    "))
         if self.paired_test:
             t = self.paired_test
             lines.append(f"[imgfeat]   best two: {t['a']} vs {t['b']} on {t['images']} test images: McNemar p = "
@@ -172,12 +191,15 @@ def _weights_of(model: str, weights_id: str, model_cfg: ModelConfig) -> tuple[st
 
 @dataclass(frozen=True)
 class _Table:
-    """The features table, its labelled rows, their labels (alphabetical) and how many rows had no label."""
+    """The features table, its labelled rows, their labels (alphabetical; multi-label: the findings in the
+    table's order) and how many rows had no label."""
 
     table: DataFrame
     labelled: DataFrame
     labels: list[str]
     unlabelled: int
+    multi: bool = False
+    policy: str = ""  # multi-label: how the targets were read (the table's label_policy)
 
 
 @dataclass(frozen=True)
@@ -186,9 +208,11 @@ class _Split:
 
     frame: DataFrame
     mode: str
-    train_counts: dict[str, int]
+    train_counts: dict[str, int]  # per label; multi-label: known positives per finding
     test_counts: dict[str, int]
     excluded: int
+    n_train: int = 0
+    n_test: int = 0
 
 
 def run_train(spark: SparkSession, cfg: Config) -> TrainResult:
@@ -205,25 +229,27 @@ def run_train(spark: SparkSession, cfg: Config) -> TrainResult:
     check_heads(tc.heads)
     experiment_id = use_experiment(cfg.mlflow)
     data = _load_table(spark, cfg)
+    metric = _task_settings(tc, data.multi)
     salt = run_salt(cfg.privacy.id_salt)  # keys every id this run logs; a random one is never stored
     dataset = dataset_name(tc.dataset, tc.features, salt)
     split = _split(data, cfg)
-    weights = dict(enumerate(class_weights(split.train_counts, data.labels))) if tc.class_weighting else None
+    weights = dict(enumerate(class_weights(split.train_counts, data.labels))) if tc.class_weighting and not data.multi else None
     backbones = _backbones(data.labelled, tc, cfg.model, cfg.inference, cfg.preprocess)
     result = TrainResult(
         parent_run_id="", experiment_id=experiment_id, experiment=cfg.mlflow.experiment, tracking_uri=tracking_uri(cfg.mlflow),
-        features=tc.features, labels=data.labels, split_mode=split.mode, n_train=sum(split.train_counts.values()),
-        n_test=sum(split.test_counts.values()), excluded_unlabelled=data.unlabelled, excluded_split=split.excluded,
-        dataset=dataset,
+        features=tc.features, labels=data.labels, split_mode=split.mode, n_train=split.n_train,
+        n_test=split.n_test, excluded_unlabelled=data.unlabelled, excluded_split=split.excluded,
+        dataset=dataset, task="multi" if data.multi else "single", select_metric=metric, aggregate=tc.aggregate,
     )
-    shared = Shared(tc, data.labels, dataset, _common_params(tc, dataset, salt, data.labels, split), weights)
+    params = _common_params(tc, dataset, salt, data.labels, split, data.policy if data.multi else None)
+    shared = Shared(tc, data.labels, dataset, params, weights, data.multi)
     with mlflow.start_run(run_name=f"train {dataset}", tags={"dataset": dataset, "imgfeat.kind": "train"}) as parent:
         result.parent_run_id = parent.info.run_id
         _log_parent(shared, backbones, data.unlabelled, split.excluded, cfg.model.weights)
         result.audit = _audit(split.frame, data.labelled, tc, salt)
         _log_test_set(split.frame, cfg.privacy.id_salt, salt)
         correct = _train_all(spark, backbones, data.labelled, split.frame, shared, result)
-        _pick_best(result, correct, tc.select_metric)
+        _pick_best(result, correct, metric)
     split.frame.unpersist()
     if tc.register and result.best_run_id:
         result.registered = _register(result.best_run_id, tc.register)
@@ -231,14 +257,43 @@ def run_train(spark: SparkSession, cfg: Config) -> TrainResult:
     return result
 
 
+def _task_settings(tc: TrainConfig, multi: bool) -> str:
+    """The metric that picks the best run (multi-label: test_auc_macro instead of the default test_f1_macro);
+    refuses heads and settings a multi-label table cannot use, and says which it ignores."""
+    if not multi:
+        return tc.select_metric
+    from imgfeat.train.multilabel import check_multi_heads
+
+    check_multi_heads(tc.heads)
+    ignored = [name for name, used in (("train.cv_folds", tc.cv_folds), ("train.validation_fraction", tc.validation_fraction),
+                                       ("train.positive_class", tc.positive_class)) if used]
+    if tc.class_weighting:
+        ignored.append("train.class_weighting (the keras head weighs each finding's positives; MLlib heads are unweighted)")
+    if ignored:
+        log.warning("multi-label table: %s not used (fixed train.params per finding)", ", ".join(ignored))
+    if tc.select_metric != "test_f1_macro":
+        return tc.select_metric
+    print("[imgfeat] multi-label table: runs are ranked by test_auc_macro (train.select_metric was the single-label "
+          "default test_f1_macro)", flush=True)
+    return "test_auc_macro"
+
+
 def _load_table(spark: SparkSession, cfg: Config) -> _Table:
     """The features table and its labelled rows; refuses fewer than 2 labels or an unknown positive class."""
     from pyspark.sql import functions as F
 
-    from imgfeat.train.split import read_features
+    from imgfeat.train.aggregate import check_aggregate_keys, pool_slices
+    from imgfeat.train.split import is_multilabel, read_features
 
     tc = cfg.train
     table = read_features(spark, cfg.train.features, cfg.output.format)
+    check_aggregate_keys(table, tc.aggregate, tc.features)
+    if tc.pool_slices != "none":
+        table = pool_slices(table, tc.pool_slices)
+    if is_multilabel(table):
+        from imgfeat.train.multilabel import load_multilabel, recorded_policy
+
+        return _Table(*load_multilabel(table, tc.features), multi=True, policy=recorded_policy(table, tc.features))
     unlabelled = table.filter(F.col("label").isNull()).count()
     if unlabelled:
         log.warning("%d rows of %s have no label; they are not used for training or testing", unlabelled, tc.features)
@@ -258,17 +313,23 @@ def _split(data: _Table, cfg: Config) -> _Split:
 
     from imgfeat.train.split import assign_split, labelled_images
 
-    split, mode = assign_split(labelled_images(data.table), cfg.train)
+    split, mode = assign_split(labelled_images(data.table, data.multi), cfg.train)
     split = split.persist(StorageLevel.MEMORY_AND_DISK)
-    excluded = split.filter(F.col("is_test").isNull()).count()
-    counts = {(r["label"], r["is_test"]): r["n"]
-              for r in split.groupBy("label", "is_test").agg(F.count("*").alias("n")).collect()}
-    train_counts = {lab: counts.get((lab, False), 0) for lab in data.labels}
-    test_counts = {lab: counts.get((lab, True), 0) for lab in data.labels}
-    if not sum(test_counts.values()) or not sum(train_counts.values()):
-        raise ValueError(f"the {mode} split left {sum(train_counts.values())} train and {sum(test_counts.values())} "
-                         "test images; check train.test_fraction or the split column")
-    return _Split(split, mode, train_counts, test_counts, excluded)
+    sides = {r["is_test"]: r["n"] for r in split.groupBy("is_test").agg(F.count("*").alias("n")).collect()}
+    if data.multi:
+        from imgfeat.train.multilabel import positives_per_side
+
+        train_counts, test_counts = positives_per_side(split, data.labelled, data.labels)
+    else:
+        counts = {(r["label"], r["is_test"]): r["n"]
+                  for r in split.groupBy("label", "is_test").agg(F.count("*").alias("n")).collect()}
+        train_counts = {lab: counts.get((lab, False), 0) for lab in data.labels}
+        test_counts = {lab: counts.get((lab, True), 0) for lab in data.labels}
+    n_train, n_test = sides.get(False, 0), sides.get(True, 0)
+    if not n_test or not n_train:
+        raise ValueError(f"the {mode} split left {n_train} train and {n_test} test images; check train.test_fraction "
+                         "or the split column")
+    return _Split(split, mode, train_counts, test_counts, sides.get(None, 0), n_train, n_test)
 
 
 def _backbones(labelled: DataFrame, tc: TrainConfig, model_cfg: ModelConfig, inference: InferenceConfig,
@@ -294,20 +355,30 @@ def _backbones(labelled: DataFrame, tc: TrainConfig, model_cfg: ModelConfig, inf
             for m, w in pairs]
 
 
-def _common_params(tc: TrainConfig, dataset: str, salt: str, labels: list[str], split: _Split) -> dict[str, Any]:
-    """The params the parent run and every child run log."""
-    from imgfeat.train.metrics import metric_key
+def _common_params(tc: TrainConfig, dataset: str, salt: str, labels: list[str], split: _Split,
+                   policy: str | None = None) -> dict[str, Any]:
+    """The params the parent run and every child run log (multi-label, ``policy`` set: known positives per
+    finding, the task and how the targets were read; aggregation and pooling when used)."""
+    from imgfeat.train.metrics import finding_key, metric_key
     from imgfeat.train.privacy import keyed_id
 
+    multi = policy is not None
+    count = "positives" if multi else "count"
+    key = finding_key if multi else metric_key
+    extra: dict[str, Any] = {"task": "multi", "label_policy": policy} if multi else {}
+    if tc.aggregate != "none":
+        extra.update(aggregate=tc.aggregate, aggregation=tc.aggregation)
+    if tc.pool_slices != "none":
+        extra["pool_slices"] = tc.pool_slices
     return {
         # The table's location may name people or places: a keyed digest identifies it without saying it.
         "features_table_sha256": keyed_id(tc.features, salt, 16), "dataset": dataset, "labels": json.dumps(labels),
         "split_mode": split.mode, "split_seed": tc.seed,
         "test_fraction": tc.test_fraction if split.mode == "hash" else "split column",
-        "class_weighting": tc.class_weighting, "n_train": sum(split.train_counts.values()),
-        "n_test": sum(split.test_counts.values()),
-        **{f"train_count_{metric_key(k)}": v for k, v in split.train_counts.items()},
-        **{f"test_count_{metric_key(k)}": v for k, v in split.test_counts.items()},
+        "class_weighting": tc.class_weighting and not multi, "n_train": split.n_train, "n_test": split.n_test,
+        **{f"train_{count}_{key(k)}": v for k, v in split.train_counts.items()},
+        **{f"test_{count}_{key(k)}": v for k, v in split.test_counts.items()},
+        **extra,
     }
 
 
@@ -374,7 +445,13 @@ def _train_all(spark: SparkSession, backbones: list[Backbone], labelled: DataFra
     indexer = StringIndexerModel.from_labels(shared.labels, inputCol="label", outputCol=LABEL_COL)
     correct: dict[str, dict[str, bool]] = {}
     for backbone in backbones:
-        for run, right in train_backbone(spark, backbone, labelled, split, indexer, shared):
+        if shared.multi:
+            from imgfeat.train.multilabel import train_backbone_multi
+
+            runs = train_backbone_multi(spark, backbone, labelled, split, shared)
+        else:
+            runs = train_backbone(spark, backbone, labelled, split, indexer, shared)
+        for run, right in runs:
             result.runs.append(run)
             correct[run.run_id] = right
     return correct

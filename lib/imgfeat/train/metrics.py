@@ -25,6 +25,12 @@ def metric_key(label: str) -> str:
     return re.sub(r"[^\w\-./ ]", "_", str(label))
 
 
+def finding_key(name: str) -> str:
+    """A finding's name in metric names: ``metric_key`` with spaces as underscores ("Pleural Effusion" ->
+    "Pleural_Effusion")."""
+    return metric_key(name).replace(" ", "_")
+
+
 def binary_auc(y: np.ndarray, score: np.ndarray) -> float:
     """Area under the ROC curve; NaN when only one class is present (scikit-learn would raise)."""
     from sklearn.metrics import roc_auc_score

@@ -12,11 +12,11 @@ from imgfeat.config import Config
 from imgfeat.config.schema import TrainConfig
 
 if TYPE_CHECKING:
-    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql import Column, DataFrame, SparkSession
 
 REQUIRED_COLUMNS = ("image_id", "path", "label", "features", "model", "weights_id")
-# Columns that help the split and the audit when the table has them.
-OPTIONAL_COLUMNS = ("split", "group_id", "content_sha256")
+# Columns that help the split and the audit when the table has them (study_id, series_key: train.aggregate).
+OPTIONAL_COLUMNS = ("split", "group_id", "content_sha256", "study_id", "series_key")
 
 
 def table_format(spark: SparkSession, location: str, requested: str) -> str:
@@ -47,10 +47,11 @@ def read_features(spark: SparkSession, location: str | None, requested_format: s
     return df
 
 
-def split_units(images: DataFrame) -> DataFrame:
+def split_units(images: DataFrame, links: tuple[str, ...] = ()) -> DataFrame:
     """``unit``: what must stay on one side of a split. An image's group (patient) when it has one, else itself;
-    then images with the same content are merged into one unit, and their units with them (two passes of
-    min-propagation: exact duplicates and the groups they link end up together)."""
+    then images with the same content, and images with the same value of a ``links`` column (a study:
+    ``train.aggregate``), are merged into one unit, and their units with them (two passes of min-propagation:
+    exact duplicates, studies and the groups they link end up together)."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
@@ -61,10 +62,14 @@ def split_units(images: DataFrame) -> DataFrame:
     has_group = "group_id" in images.columns
     unit = split_unit() if has_group else F.col("image_id")
     images = images.withColumn("unit", unit)
-    if "content_sha256" in images.columns:
-        same_content = Window.partitionBy(F.coalesce(F.col("content_sha256"), F.col("path")))
+    same = [Window.partitionBy(F.coalesce(F.col("content_sha256"), F.col("path")))] if "content_sha256" in images.columns else []
+    # A row without a key links nothing (its own item stands in).
+    same += [Window.partitionBy(F.coalesce(F.col(c).cast("string"), F.concat(F.lit("item:"), F.col("item"))))
+             for c in links if c in images.columns]
+    if same:
         for _ in range(2):
-            images = images.withColumn("unit", F.min("unit").over(same_content))
+            for window in same:
+                images = images.withColumn("unit", F.min("unit").over(window))
             images = images.withColumn("unit", F.min("unit").over(Window.partitionBy(unit)))
     return images
 
@@ -76,10 +81,12 @@ def assign_split(images: DataFrame, tc: TrainConfig) -> tuple[DataFrame, str]:
     Keyed by ``path``: image ids are relative-path hashes, so two input folders may share one (root_a/NORMAL/1.png
     and root_b/NORMAL/1.png); both images stay.
 
-    ``hash``: split units (``split_units``: groups, merged with exact duplicates) are ordered by a seeded hash
-    within their class, and units go to the test set until it holds round(test_fraction x class size) images:
-    exactly stratified without groups, as nearly as the groups allow with them, every unit on one side, and
-    independent of backbone and head.
+    ``hash``: split units (``split_units``: groups, merged with exact duplicates, and with studies when
+    ``tc.aggregate`` is study or series) are ordered by a seeded hash within their class, and units go to the
+    test set until it holds round(test_fraction x class size) images: exactly stratified without groups, as nearly
+    as the groups allow with them, every unit on one side, and independent of backbone and head. The class is
+    ``stratum`` when the images have one (multi-label: whether the image has a known positive finding), else
+    ``label``.
     """
     from pyspark.sql import Window
     from pyspark.sql import functions as F
@@ -95,16 +102,19 @@ def assign_split(images: DataFrame, tc: TrainConfig) -> tuple[DataFrame, str]:
             f"train.split_mode=column, but the features table's split column has {sorted(v for v in values if v) or 'no values'}; "
             "extract with --split-mode folder/hash, or use train.split_mode=hash"
         )
-    images = split_units(images)
+    from imgfeat.train.aggregate import split_links
+
+    images = split_units(images, split_links(tc.aggregate))
     if mode in ("auto", "column") and {"train", "test"} <= values:
         return images.select("item", "path", "image_id", "label", "split", "unit").withColumn(
             "is_test", F.when(F.col("split") == "test", True).when(F.col("split") == "train", False)
         ), "column"
     # One class per unit (its most frequent label) so that a unit is never split between classes' quotas.
-    per_unit = images.groupBy("unit", "label").agg(F.count("*").alias("_k"))
+    stratum = "stratum" if "stratum" in images.columns else "label"
+    per_unit = images.groupBy("unit", stratum).agg(F.count("*").alias("_k"))
     unit_class = per_unit.withColumn(
-        "_r", F.row_number().over(Window.partitionBy("unit").orderBy(F.desc("_k"), "label"))
-    ).filter(F.col("_r") == 1).select("unit", F.col("label").alias("_class"))
+        "_r", F.row_number().over(Window.partitionBy("unit").orderBy(F.desc("_k"), stratum))
+    ).filter(F.col("_r") == 1).select("unit", F.col(stratum).alias("_class"))
     sizes = images.groupBy("unit").agg(F.count("*").alias("_size"))
     units = unit_class.join(sizes, on="unit", how="inner").withColumn("_h", hash_bucket(tc.seed, F.col("unit"), buckets=None))
     by_class = Window.partitionBy("_class")
@@ -126,13 +136,39 @@ def with_item(table: DataFrame) -> DataFrame:
         F.concat(F.col("path"), F.lit("#"), F.col("slice_index").cast("string"))))
 
 
-def labelled_images(table: DataFrame) -> DataFrame:
-    """One row per labelled image or slice (``item``), with the columns the split uses."""
+def is_multilabel(table: DataFrame) -> bool:
+    """Whether ``table`` holds multi-label findings: a ``findings`` column with a value."""
+    from pyspark.sql import functions as F
+
+    return "findings" in table.columns and bool(table.filter(F.col("findings").isNotNull()).limit(1).count())
+
+
+def known_positives() -> Column:
+    """A multi-label row's positive findings that are not masked (``labels`` less ``label_mask``)."""
+    from pyspark.sql import functions as F
+
+    return F.array_except(F.col("labels"), F.coalesce(F.col("label_mask"), F.array().cast("array<string>")))
+
+
+def labelled_images(table: DataFrame, multi: bool | None = None) -> DataFrame:
+    """One row per labelled image or slice (``item``), with the columns the split uses. Multi-label tables
+    (``multi``; None: ``is_multilabel``): the rows with ``labels``; ``label`` = their known positive findings
+    joined by "|" ("(no finding)" when none: what the audit compares), ``stratum`` = whether there is one (what
+    the hash split stratifies by). Masked findings count for neither."""
     from pyspark.sql import functions as F
 
     optional = [c for c in OPTIONAL_COLUMNS if c in table.columns]
-    return (with_item(table).filter(F.col("label").isNotNull())
-            .select("item", "path", "image_id", "label", *optional).dropDuplicates(["item"]))
+    if multi is None:
+        multi = is_multilabel(table)
+    if not multi:
+        return (with_item(table).filter(F.col("label").isNotNull())
+                .select("item", "path", "image_id", "label", *optional).dropDuplicates(["item"]))
+    known = F.sort_array(known_positives())
+    rows = with_item(table).filter(F.col("labels").isNotNull()).select(
+        "item", "path", "image_id",
+        F.when(F.size(known) > 0, F.array_join(known, "|")).otherwise(F.lit("(no finding)")).alias("label"),
+        F.when(F.size(known) > 0, F.lit("finding")).otherwise(F.lit("no finding")).alias("stratum"), *optional)
+    return rows.dropDuplicates(["item"])
 
 
 def audit_images(split: DataFrame, table: DataFrame) -> DataFrame:
