@@ -20,6 +20,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     p.add_argument("--weights", help="local copy of the model's weights file (default: the logged copy)")
     p.add_argument("--label-mode", choices=["auto", "folder", "manifest", "none"], help="known labels to keep beside predictions")
+    p.add_argument("--aggregate", choices=["none", "study", "series", "patient"],
+                   help="multi-label models: also one row per study (series, patient) in <output>_studies")
+    p.add_argument("--aggregation", choices=["mean", "max", "noisy_or"],
+                   help="how a study's images combine (default: the model's own, else mean)")
 
 
 def overrides(a: argparse.Namespace) -> dict[str, Any]:
@@ -33,6 +37,8 @@ def overrides(a: argparse.Namespace) -> dict[str, Any]:
         "mlflow.tracking_uri": a.tracking_uri,
         "input.label.mode": a.label_mode,
         "predict.weights": a.weights,
+        "predict.aggregate": a.aggregate,
+        "predict.aggregation": a.aggregation,
     }
 
 

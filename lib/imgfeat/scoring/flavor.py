@@ -53,10 +53,12 @@ def log_model(info: ClassifierInfo, head: HeadArrays, weights_file: str | None =
 
     with tempfile.TemporaryDirectory(prefix="imgfeat-pyfunc-") as tmp:
         folder = save_model(os.path.join(tmp, CLASSIFIER_ARTIFACT), info, head, weights_file)
-        return _log_folder(folder, get_default_pip_requirements(info.engine, info.backbone, info.decode.formats))
+        signature = pyfunc_signature(info.findings if info.task == "multi" else None)
+        return _log_folder(folder, get_default_pip_requirements(info.engine, info.backbone, info.decode.formats),
+                           signature)
 
 
-def _log_folder(folder: str, requirements: list[str]) -> Any:
+def _log_folder(folder: str, requirements: list[str], signature: Any) -> Any:
     """Log a saved classifier folder with imgfeat's code as the active run's ``pyfunc_model``."""
     import tempfile
 
@@ -71,7 +73,7 @@ def _log_folder(folder: str, requirements: list[str]) -> Any:
         return mlflow.pyfunc.log_model(
             name=PYFUNC_MODEL, python_model=os.path.join(code, "scoring", ENTRY_FILE),
             artifacts={CLASSIFIER_ARTIFACT: folder}, code_paths=[code], pip_requirements=requirements,
-            signature=pyfunc_signature(),
+            signature=signature,
         )
 
 
@@ -126,14 +128,21 @@ def get_default_pip_requirements(engine: str, backbone: str, formats: tuple[str,
     return out
 
 
-def pyfunc_signature() -> Any:
-    """Input: file bytes in ``content``; output: label, probabilities and the error of each input."""
+def pyfunc_signature(findings: list[str] | None = None) -> Any:
+    """Input: file bytes in ``content``; output: label, probabilities and the error of each input, or for a
+    multi-label model (``findings``) the positive findings and one ``probability_<finding>`` column per finding
+    (scoring.pyfunc.findings_frame)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
     from mlflow.types.schema import Map
 
-    outputs = Schema([ColSpec("string", "label"), ColSpec("double", "probability"),
-                      ColSpec(Map(DataType.double), "probabilities"), ColSpec("string", "error_class"),
+    from imgfeat.scoring.classifier import probability_columns
+
+    if findings is None:
+        head = [ColSpec("string", "label"), ColSpec("double", "probability")]
+    else:
+        head = [ColSpec("string", "findings_positive"), *[ColSpec("double", c) for c in probability_columns(findings)]]
+    outputs = Schema([*head, ColSpec(Map(DataType.double), "probabilities"), ColSpec("string", "error_class"),
                       ColSpec("string", "error_message")])
     return ModelSignature(inputs=Schema([ColSpec("binary", "content")]), outputs=outputs,
                           params=ParamSchema([ParamSpec("explain", "boolean", False)]))

@@ -7,8 +7,11 @@ requirements installed.
 
 Input: a DataFrame with a binary column ``content`` (file bytes; over HTTP base64 strings, which MLflow decodes by
 the signature), or a list of bytes. Output: one row per input: ``label``, ``probability`` (of that label),
-``probabilities`` (label -> probability), ``error_class`` and ``error_message`` (bad input: no label). Parameter
-``explain=true`` adds ``heatmap_png``: the class map over the image, a base64 PNG (``imgfeat.scoring.explain``).
+``probabilities`` (label -> probability), ``error_class`` and ``error_message`` (bad input: no label). A multi-label
+model gives instead ``findings_positive`` (the called findings joined by "|", "" when none is; null for bad input),
+one ``probability_<finding>`` column per finding (non-word characters as ``_``: ``probability_columns``),
+``probabilities`` (finding -> probability), ``error_class`` and ``error_message``. Parameter ``explain=true`` adds
+``heatmap_png``: the class (or finding) map over the image, a base64 PNG (``imgfeat.scoring.explain``).
 """
 
 from __future__ import annotations
@@ -58,15 +61,41 @@ class ImgfeatPyfunc(mlflow.pyfunc.PythonModel):
             values = list(model_input)
         explain = bool((params or {}).get("explain", False))
         predictions = self.classifier.predict([_as_bytes(v) for v in values], explain=explain)
+        if getattr(self.classifier, "multi", False):
+            return findings_frame(predictions, self.classifier.findings, explain)
         rows = []
         for p in predictions:
             row = {"label": p.label, "probability": p.probabilities[p.label] if p.label else None,
                    "probabilities": p.probabilities, "error_class": p.error_class, "error_message": p.error_message}
             if explain:
-                row["heatmap_png"] = base64.b64encode(p.heatmap_png).decode("ascii") if p.heatmap_png else None
+                row["heatmap_png"] = _png(p)
             rows.append(row)
         return pd.DataFrame(rows, columns=["label", "probability", "probabilities", "error_class", "error_message",
                                            *(["heatmap_png"] if explain else [])])
+
+
+def _png(p: Any) -> str | None:
+    return base64.b64encode(p.heatmap_png).decode("ascii") if p.heatmap_png else None
+
+
+def findings_frame(predictions: list[Any], findings: list[str], explain: bool = False) -> pd.DataFrame:
+    """A multi-label model's output: ``findings_positive``, one ``probability_<finding>`` column per finding,
+    ``probabilities``, ``error_class``, ``error_message`` (+ ``heatmap_png``); a bad input's values are null."""
+    from imgfeat.scoring.classifier import probability_columns
+
+    columns = probability_columns(findings)
+    rows = []
+    for p in predictions:
+        ok = p.error_class is None and p.probabilities is not None
+        row = {"findings_positive": "|".join(p.positive) if ok else None}
+        row.update({c: p.probabilities[f] if ok else None for c, f in zip(columns, findings, strict=True)})
+        row.update(probabilities=p.probabilities, error_class=p.error_class, error_message=p.error_message)
+        if explain:
+            row["heatmap_png"] = _png(p)
+        rows.append(row)
+    names = ["findings_positive", *columns, "probabilities", "error_class", "error_message",
+             *(["heatmap_png"] if explain else [])]
+    return pd.DataFrame(rows, columns=names).astype({c: "float64" for c in columns})
 
 
 def resolve_uri(model_uri: str) -> str:

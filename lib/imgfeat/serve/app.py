@@ -1,7 +1,10 @@
 """``imgfeat serve``: a trained model behind HTTP (FastAPI on uvicorn) and a page to try it in a browser.
 
     POST /predict[?explain=true]  multipart upload of one or more images, or the raw bytes of one
-                                  -> JSON: label, probabilities, model and weights id, timings (+ heat map PNG)
+                                  -> JSON: label, probabilities (multi-label: per finding probability,
+                                  threshold and call), model and weights id, timings (+ heat map PNG)
+         [?study=true]            (or a form field study=1) the images are one study: + ``study``, their
+                                  probabilities combined (``aggregation``: mean | max | noisy_or)
     POST /explain                 one image -> the heat map over it, image/png
     GET  /health                  the model, whether its thread runs (200 "ok", else 503 "degraded"), the load
     GET  /                        the page: pick or drop an image, see the label, the probabilities and the map
@@ -27,6 +30,7 @@ import time
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from imgfeat.scoring.aggregate import AGGREGATIONS
 from imgfeat.serve.admission import DEFAULT_MAX_UPLOAD, Admission, Limits
 from imgfeat.serve.batcher import Batcher, Job
 from imgfeat.serve.errors import BadRequest, ModelFailed, ModelUnavailable
@@ -47,6 +51,7 @@ _UPLOAD_BODY = {
     },
 }
 _PLAIN = frozenset(chr(c) for c in range(0x20, 0x7F)) - {"%"}
+_TRUE = ("1", "true", "yes", "on")
 
 
 def header_value(text: str) -> str:
@@ -96,8 +101,10 @@ class _Service:
         if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
             raise BadRequest(401, "missing or wrong bearer token: send 'Authorization: Bearer <token>'")
 
-    async def answer(self, request: Any, explain: bool, first_only: bool = False) -> tuple[list[str], list[Any], dict[str, float]]:
-        """(file names, predictions, timings): checks, admission before the body, reading, scoring."""
+    async def answer(self, request: Any, explain: bool, first_only: bool = False, fields: dict[str, str] | None = None
+                     ) -> tuple[list[str], list[Any], dict[str, float]]:
+        """(file names, predictions, timings): checks, admission before the body, reading, scoring; ``fields``
+        gets a multipart upload's text fields."""
         self.authorise(request)
         kind = content_kind(request)
         check_length(request, self.limits.max_upload_bytes)
@@ -107,7 +114,7 @@ class _Service:
             started = time.perf_counter()
             chunks = body_chunks(request.receive, self.limits.max_upload_bytes, self.limits.body_timeout_s)
             if kind == "multipart/form-data":
-                files = await read_multipart(request, chunks, reservation, self.limits.max_files)
+                files = await read_multipart(request, chunks, reservation, self.limits.max_files, fields)
             else:
                 files = [("body", await read_raw(chunks))]
             files = files[:1] if first_only else files
@@ -148,8 +155,18 @@ class _Service:
         return body, 200 if alive else 503
 
 
+def _aggregation(given: str | None, model: dict[str, Any]) -> str:
+    """The study aggregation asked for (query or form), else the model's recorded one, else mean; 400 if unknown."""
+    how = (given or model.get("aggregation") or "mean").strip().lower()
+    if how not in AGGREGATIONS:
+        raise BadRequest(400, f"aggregation {given!r} is not one of {', '.join(AGGREGATIONS)}",
+                         error_class="bad_aggregation")
+    return how
+
+
 def _predict_body(service: _Service, names: list[str], predictions: list[Any], timings: dict[str, float],
-                  explain: bool, started: float) -> tuple[dict[str, Any], int]:
+                  explain: bool, started: float, study: str | None = None) -> tuple[dict[str, Any], int]:
+    """The JSON of /predict; ``study``: the aggregation of a study upload (adds ``study``)."""
     items = []
     for name, p in zip(names, predictions, strict=True):
         item = {"filename": name, **p.to_dict()}
@@ -159,6 +176,10 @@ def _predict_body(service: _Service, names: list[str], predictions: list[Any], t
     spent = {k.removesuffix("_ms"): round(v, 2) for k, v in timings.items() if k != "batch_images"}
     body = {"model": service.model, "predictions": items, "batch_images": int(timings.get("batch_images", len(items))),
             "timings_ms": {**spent, "total": round(1000 * (time.perf_counter() - started), 2)}}
+    if study is not None:
+        from imgfeat.scoring.classifier import study_of
+
+        body["study"] = study_of(predictions, study).to_dict()
     if all(p.error_class for p in predictions):
         first = predictions[0]
         body["detail"] = f"no image could be scored: {first.error_class}: {first.error_message}"
@@ -199,10 +220,18 @@ def create_app(classifier: Any, *, model_uri: str = "", token: str | None = None
         return JSONResponse(body, status_code=status)
 
     @app.post("/predict", openapi_extra={"requestBody": _UPLOAD_BODY})
-    async def predict(request: Request, explain: bool = False) -> JSONResponse:
+    async def predict(request: Request, explain: bool = False, study: bool = False,
+                      aggregation: str | None = None) -> JSONResponse:
         started = time.perf_counter()
-        names, predictions, timings = await service.answer(request, explain)
-        body, status = _predict_body(service, names, predictions, timings, explain, started)
+        if aggregation is not None:
+            _aggregation(aggregation, service.model)  # a wrong one is refused before the body is read
+        fields: dict[str, str] = {}
+        names, predictions, timings = await service.answer(request, explain, fields=fields)
+        if study or fields.get("study", "").strip().lower() in _TRUE:
+            how = _aggregation(aggregation or fields.get("aggregation"), service.model)
+        else:
+            how = None
+        body, status = _predict_body(service, names, predictions, timings, explain, started, how)
         return JSONResponse(body, status_code=status)
 
     @app.post("/explain", openapi_extra={"requestBody": _UPLOAD_BODY},

@@ -3,7 +3,9 @@
 The same scan as extract (``imgfeat.featurize.job``: listing, incremental planning, the featurizing UDF, so bad
 images get exactly extract's error classes, and both appends under writer leases). The model's first stage
 (``ImageFeaturizer``) says how to featurize; its remaining stages (head + label converter) score the images that
-decoded. Rows are keyed by (path, model = what the model URI resolves to, weights_id).
+decoded. Rows are keyed by (path, model = what the model URI resolves to, weights_id). A multi-label model is
+scored from its pyfunc model's arrays instead (``imgfeat.serve.batch_findings``: per-finding probabilities and
+calls, and with ``predict.aggregate`` one row per study in ``<output>_studies``).
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ import dataclasses
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from imgfeat.config import Config
+from imgfeat.serve.model_ref import ModelRef, PredictResult, registry_version, resolve_model
+
+__all__ = ["ModelRef", "PredictResult", "load_scoring_model", "registry_version", "resolve_model", "run_predict"]
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -26,64 +31,6 @@ if TYPE_CHECKING:
     from imgfeat.featurize.spec import FeaturizeSpec
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PredictResult:
-    model_uri: str
-    model_key: str
-    model_version: str | None
-    listed: int
-    already_done: int
-    processed: int  # = predicted + failed
-    predicted: int
-    failed: int
-    replaced: int
-    predictions_path: str
-    errors_path: str
-    format: str
-    labels: list[str]
-    predicted_counts: dict[str, int] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def summary(self) -> str:
-        return (
-            f"[imgfeat] predict {self.model_uri}"
-            f"{f' (version {self.model_version})' if self.model_version else ''} = {self.model_key}: listed {self.listed} image files; {self.already_done} already done; "
-            f"processed {self.processed} = predicted {self.predicted} + failed {self.failed} in {self.seconds:.1f}s\n"
-            f"[imgfeat]   predicted classes: {self.predicted_counts}\n"
-            f"[imgfeat]   predictions ({self.format}): {self.predictions_path}\n"
-            f"[imgfeat]   errors      ({self.format}): {self.errors_path}"
-        )
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """What a model URI points to now: the predictions table is keyed by ``key``, not by the URI's text, so
-    ``models:/NAME/latest`` after a new version re-scores, and the same model by two URIs never writes twice."""
-
-    uri: str  # as the user gave it
-    key: str  # models:/<logged model id> (MLflow 3), else runs:/<run id>/<artifact path>, else the URI
-    run_id: str | None
-    version: str | None  # the registry version for models:/NAME/... URIs
-
-
-def resolve_model(uri: str) -> ModelRef:
-    import mlflow
-    from mlflow.models import get_model_info
-
-    info = get_model_info(uri)
-    model_id = getattr(info, "model_id", None)
-    key = f"models:/{model_id}" if model_id else (f"runs:/{info.run_id}/{info.artifact_path}" if info.run_id else uri)
-    version = None
-    if uri.startswith("models:/") and not uri.startswith("models:/m-"):
-        from mlflow.store.artifact.utils.models import get_model_name_and_version
-
-        version = str(get_model_name_and_version(mlflow.MlflowClient(), uri)[1])
-    return ModelRef(uri=uri, key=key, run_id=info.run_id, version=version)
 
 
 def load_scoring_model(cfg: Config) -> tuple[Any, Any, list[str]]:
@@ -186,6 +133,15 @@ def run_predict(spark: SparkSession, cfg: Config) -> PredictResult:
     if not cfg.output.path:
         raise ValueError("no output location: pass --output PATH (or set output.path) for the predictions table")
     started = time.time()
+    from imgfeat.serve.batch_findings import open_multi_label, run_predict_findings
+
+    multi = open_multi_label(cfg)
+    if multi is not None:
+        return run_predict_findings(spark, cfg, *multi, started)
+    if cfg.predict.aggregate != "none":
+        raise ValueError(f"predict.aggregate={cfg.predict.aggregate}: study rows are written for multi-label models; "
+                         f"{cfg.predict.model_uri} is single-label (score a study with `imgfeat serve` ?study=true, "
+                         "or ImageClassifier.predict_study)")
     featurizer, head, labels = load_scoring_model(cfg)
     ref = resolve_model(cfg.predict.model_uri or "")
     source = featurizer.weights_source()

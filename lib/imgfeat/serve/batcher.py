@@ -157,6 +157,7 @@ def guard_finite(p: Any) -> None:
     if p.probabilities is None or all(math.isfinite(v) for v in p.probabilities.values()):
         return
     p.label = p.probabilities = p.heatmap = p.heatmap_png = p.explanation = None
+    p.findings = None  # a multi-label prediction's calls go with its probabilities
     p.error_class = "non_finite_output"
     p.error_message = ("the model's probabilities for this image are not finite numbers (NaN or infinity): the model "
                        "is broken for this input; check its head and backbone weights")

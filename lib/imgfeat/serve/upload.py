@@ -19,7 +19,7 @@ from imgfeat.serve.admission import Reservation
 from imgfeat.serve.errors import BadRequest
 
 RAW_TYPES = ("image/", "application/dicom", "application/octet-stream", "application/x-nifti", "application/gzip")
-MAX_FIELD_BYTES = 64 * 1024  # a non-file form field (ignored, but parsed): larger ones are refused
+MAX_FIELD_BYTES = 64 * 1024  # a non-file form field (study=1, aggregation=max; others ignored): larger ones are refused
 
 
 def content_kind(request: Any) -> str:
@@ -72,8 +72,9 @@ async def read_raw(chunks: AsyncIterator[bytes]) -> bytes:
 
 
 async def read_multipart(request: Any, chunks: AsyncIterator[bytes], reservation: Reservation,
-                         max_files: int) -> list[tuple[str, bytes]]:
-    """(file name, bytes) of every file part, parsed from ``chunks`` as they arrive."""
+                         max_files: int, fields: dict[str, str] | None = None) -> list[tuple[str, bytes]]:
+    """(file name, bytes) of every file part, parsed from ``chunks`` as they arrive; ``fields`` gets the text
+    fields (the last value of each name)."""
     from starlette.formparsers import MultiPartException
 
     parser = _counting_parser(request.headers, chunks, max_files, reservation.add_image)
@@ -83,6 +84,8 @@ async def read_multipart(request: Any, chunks: AsyncIterator[bytes], reservation
         raise BadRequest(400, f"malformed multipart body: {exc.message} (at most {max_files} files per request)") from None
     try:
         files = [(getattr(v, "filename", None) or k, await v.read()) for k, v in form.multi_items() if hasattr(v, "read")]
+        if fields is not None:
+            fields.update((k, v) for k, v in form.multi_items() if isinstance(v, str))
     finally:
         await form.close()
     if not files:
