@@ -1,8 +1,11 @@
 """The fine-tuning input: images listed, labelled and split as ``extract`` does, decoded once into a Parquet table.
 
 Rows: path, rel_path, label, split (train | val | test), group_id, slice_index, image (uint8 bytes, size x size x 3,
-RGB, after the same ``decode_file`` and resize as extract, rounded to integers). Files that do not decode, are empty,
-too large or vanish go to ``<table>_errors`` with extract's error classes. Validation images are a seeded hash
+RGB, after the same ``decode_file`` and resize as extract, rounded to integers). A multi-label input
+(input.label.multi / input.label.findings; ``label`` null) adds ``targets`` and ``mask`` (array<float>, one entry per
+finding in the findings' order: 1.0 = positive / known; a masked entry's target is 0.0 and means nothing), and the
+table's description lists the ``findings``. Files that do not decode, are empty, too large or vanish go to
+``<table>_errors`` with extract's error classes. Validation images are a seeded hash
 share of the training ones, by group when the split is grouped. Training processes stream the table row group by
 row group (``imgfeat.finetune.loop.epoch_rows``).
 """
@@ -11,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,10 +35,13 @@ class DecodedTable:
     path: str
     errors_path: str
     size: int
-    labels: list[str]
-    counts: dict[str, dict[str, int]]  # split -> label -> images
+    labels: list[str]  # the classes; multi-label: the findings
+    counts: dict[str, dict[str, int]]  # split -> label -> images; multi-label: split -> finding -> known positives
     listed: int
     failed: int
+    findings: list[str] = field(default_factory=list)  # multi-label: the findings, in the targets' order; else []
+    known: dict[str, dict[str, int]] = field(default_factory=dict)  # multi-label: split -> finding -> known images
+    label_policy: str = ""  # multi-label: how the targets were read (io.multilabel.FindingsSpec.policy)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,7 +73,6 @@ def build_decoded_table(spark: SparkSession, inputs: InputConfig, preprocess: Pr
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
-    from imgfeat.featurize.job import unread_errors
     from imgfeat.io.listing import list_files, listing_settings
     from imgfeat.io.reading import read_contents
     from imgfeat.session import sql_conf
@@ -80,6 +85,7 @@ def build_decoded_table(spark: SparkSession, inputs: InputConfig, preprocess: Pr
         n = images.count()
     if not n:
         raise ValueError(f"no images under {inputs.path}")
+    findings, policy = _findings(images, inputs.path or "") if inputs.label.is_multi else ([], "")
 
     def run(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
         for contents in batches:
@@ -89,13 +95,16 @@ def build_decoded_table(spark: SparkSession, inputs: InputConfig, preprocess: Pr
     contents = read_contents(spark, inputs, images, n, n)
     decoded = contents.select("path", F.sha2(F.col("content"), 256).alias("content_sha256"), udf(F.col("content")).alias("d"))
     decoded = decoded.join(images, on="path", how="inner").persist(StorageLevel.MEMORY_AND_DISK)
-    check_labels(decoded.filter(F.col("d.error_class").isNull()), allow_label_conflicts, inputs.path or "",
-                 cached=(decoded, images))  # before any write
-    good = decoded.filter(F.col("d.error_class").isNull() & F.col("label").isNotNull())
-    good = good.select("path", "rel_path", "label", "split", "group_id", "image_id",
+    check_labels(_with_audit_label(decoded.filter(F.col("d.error_class").isNull()), findings), allow_label_conflicts,
+                 inputs.path or "", cached=(decoded, images))  # before any write
+    labelled = F.col("labels").isNotNull() if findings else F.col("label").isNotNull()
+    targets = _target_columns(findings)  # none for a single-label input: its table is as before
+    good = decoded.filter(F.col("d.error_class").isNull() & labelled)
+    good = good.select("path", "rel_path", "label", "split", "group_id", "image_id", *targets,
                        F.explode(F.arrays_zip(F.col("d.images").alias("image"), F.col("d.slice_index").alias("slice_index"))).alias("z"))
-    good = good.select("path", "rel_path", "label", "group_id", "image_id", F.col("z.image").alias("image"),
-                       F.col("z.slice_index").alias("slice_index"), _with_validation(finetune.seed, finetune.validation_fraction).alias("split"))
+    good = good.select("path", "rel_path", "label", "group_id", "image_id", *[c for c in ("targets", "mask") if findings],
+                       F.col("z.image").alias("image"), F.col("z.slice_index").alias("slice_index"),
+                       _with_validation(finetune.seed, finetune.validation_fraction).alias("split"))
     rows_per_group = max(1, finetune.row_group_images)
     # Placed and ordered by image id (a hash of the relative path), so the same images give the same files and row
     # groups wherever the folder lies and however Spark read it: with the seeded epoch order, the same weights.
@@ -103,23 +112,92 @@ def build_decoded_table(spark: SparkSession, inputs: InputConfig, preprocess: Pr
     laid_out = good.repartition(parts, "image_id").sortWithinPartitions("image_id", "slice_index")
     (laid_out.write.mode("overwrite").options(**parquet_write_options(laid_out.schema))
      .option("parquet.block.size", rows_per_group * size * size * 3).parquet(path))
-    failed = decoded.filter(F.col("d.error_class").isNotNull()).select(
-        "path", "rel_path", "label", F.col("d.error_class").alias("error_class"), F.col("d.error_message").alias("error_message"))
-    unlabelled = decoded.filter(F.col("d.error_class").isNull() & F.col("label").isNull()).select(
-        "path", "rel_path", "label", F.lit("unlabelled").alias("error_class"),
-        F.lit("the image has no label (folder, manifest or DICOM tag): it cannot be used for training").alias("error_message"))
-    unread = unread_errors(images, decoded, inputs.max_file_bytes).select("path", "rel_path", "label", "error_class", "error_message")
-    errors = failed.unionByName(unlabelled).unionByName(unread)
-    errors.write.mode("overwrite").parquet(path.rstrip("/") + "_errors")
-    written = spark.read.parquet(path)
-    counts: dict[str, dict[str, int]] = {}
-    for r in written.groupBy("split", "label").count().collect():
-        counts.setdefault(r["split"] or "none", {})[r["label"]] = r["count"]
+    _errors(decoded, images, labelled, inputs.max_file_bytes, bool(findings)).write.mode("overwrite").parquet(
+        path.rstrip("/") + "_errors")
+    counts, known = _counts(spark.read.parquet(path), findings)
     n_failed = spark.read.parquet(path.rstrip("/") + "_errors").count()
     decoded.unpersist()
     images.unpersist()
-    labels = sorted({lab for split in counts.values() for lab in split})
-    return DecodedTable(path, path.rstrip("/") + "_errors", size, labels, counts, n, n_failed)
+    labels = list(findings) or sorted({lab for split in counts.values() for lab in split})
+    return DecodedTable(path, path.rstrip("/") + "_errors", size, labels, counts, n, n_failed, list(findings), known,
+                        policy)
+
+
+def _findings(images: Any, source: str) -> tuple[list[str], str]:
+    """A multi-label listing's findings (its ``findings`` column: the same list on every row) and how its targets
+    were read (``label_policy``: the uncertain and blank policies)."""
+    from pyspark.sql import functions as F
+
+    row = images.filter(F.col("findings").isNotNull()).select("findings", "label_policy").first()
+    if row is None or not row["findings"]:
+        raise ValueError(f"the multi-label input {source!r} lists no findings: set input.label.findings (one manifest "
+                         "column per finding) or input.label.multi.column (a delimited findings column)")
+    return list(row["findings"]), row["label_policy"]
+
+
+def _target_columns(findings: list[str]) -> list[Any]:
+    """Multi-label: ``targets`` (1.0 where a finding is a known positive) and ``mask`` (1.0 where it is known), in
+    the findings' order, from ``labels`` and ``label_mask``; [] for a single-label input."""
+    from pyspark.sql import functions as F
+
+    if not findings:
+        return []
+
+    def known(name: str) -> Any:
+        return ~F.coalesce(F.array_contains(F.col("label_mask"), name), F.lit(False))
+
+    return [F.array(*[(F.array_contains(F.col("labels"), n) & known(n)).cast("float") for n in findings]).alias("targets"),
+            F.array(*[known(n).cast("float") for n in findings]).alias("mask")]
+
+
+def _with_audit_label(decoded: Any, findings: list[str]) -> Any:
+    """The rows as ``check_labels`` compares them: a multi-label row's ``label`` is its known positive findings joined
+    by "|" ("(no finding)" when none), as ``train`` audits a multi-label table (``train.split.labelled_images``)."""
+    from pyspark.sql import functions as F
+
+    from imgfeat.train.split import known_positives
+
+    if not findings:
+        return decoded
+    known = F.sort_array(known_positives())
+    label = F.when(F.size(known) > 0, F.array_join(known, "|")).otherwise(F.lit("(no finding)"))
+    return decoded.withColumn("label", F.when(F.col("labels").isNotNull(), label))
+
+
+def _errors(decoded: Any, images: Any, labelled: Any, max_file_bytes: Any, multi: bool) -> Any:
+    """The errors table: files that did not decode, decoded but unlabelled files, files that could not be read."""
+    from pyspark.sql import functions as F
+
+    from imgfeat.featurize.job import unread_errors
+
+    failed = decoded.filter(F.col("d.error_class").isNotNull()).select(
+        "path", "rel_path", "label", F.col("d.error_class").alias("error_class"), F.col("d.error_message").alias("error_message"))
+    what = "no row in the label manifest (findings)" if multi else "no label (folder, manifest or DICOM tag)"
+    unlabelled = decoded.filter(F.col("d.error_class").isNull() & ~labelled).select(
+        "path", "rel_path", "label", F.lit("unlabelled").alias("error_class"),
+        F.lit(f"the image has {what}: it cannot be used for training").alias("error_message"))
+    unread = unread_errors(images, decoded, max_file_bytes).select("path", "rel_path", "label", "error_class", "error_message")
+    return failed.unionByName(unlabelled).unionByName(unread)
+
+
+def _counts(written: Any, findings: list[str]) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]]:
+    """(split -> label -> images, {}) of a single-label table; (split -> finding -> known positives, split -> finding
+    -> known images) of a multi-label one."""
+    from pyspark.sql import functions as F
+
+    counts: dict[str, dict[str, int]] = {}
+    if not findings:
+        for r in written.groupBy("split", "label").count().collect():
+            counts.setdefault(r["split"] or "none", {})[r["label"]] = r["count"]
+        return counts, {}
+    known: dict[str, dict[str, int]] = {}
+    entries = written.select("split", F.posexplode(F.arrays_zip("targets", "mask")).alias("j", "v"))
+    for r in entries.groupBy("split", "j").agg(F.sum(F.col("v.targets") * F.col("v.mask")).alias("positives"),
+                                              F.sum("v.mask").alias("known")).collect():
+        split, name = r["split"] or "none", findings[r["j"]]
+        counts.setdefault(split, {})[name] = int(r["positives"])
+        known.setdefault(split, {})[name] = int(r["known"])
+    return counts, known
 
 
 def check_labels(decoded: Any, allow_conflicts: bool, source: str, cached: tuple[Any, ...] = ()) -> None:

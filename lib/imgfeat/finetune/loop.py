@@ -8,6 +8,10 @@ validates after every epoch, writes a checkpoint (model, optimizer, schedule, hi
 augmentation, stochastic depth) is seeded by (seed, epoch, rank) through ``derived_seed``, so a run resumed from
 its checkpoint reaches the same weights as one that was never interrupted.
 
+Multi-label (``LoopSpec.findings`` set): the head has one output per finding and the loss is
+``imgfeat.train.finding_heads.masked_bce`` (a sigmoid per finding; entries whose finding is unknown weigh nothing;
+known positives weigh ``LoopSpec.positive_weights``), in training and validation alike.
+
 ``run_loop`` is a sequence of named steps, each a private method of ``_Loop`` (as TorchDistributor's own): join
 the process group, build the network and optimizer, plan the schedule, resume, train epoch by epoch (seed, train,
 gather, validate and checkpoint on process 0, agree on a ``StopReason``), write the result.
@@ -15,6 +19,7 @@ gather, validate and checkpoint on process 0, agree on a ``StopReason``), write 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -81,7 +86,7 @@ class LoopSpec:
     """Everything a training process reads (``spec`` in this package means this): plain values, picklable."""
 
     files: list[str]  # the decoded table's Parquet files
-    labels: list[str]
+    labels: list[str]  # the network's outputs in order: the classes (multi-label: the findings)
     architecture: str  # imgfeat.engines.torch_models constructor
     input_size: int
     feature_dim: int
@@ -104,6 +109,18 @@ class LoopSpec:
     resume: bool = False
     augment: dict[str, Any] = field(default_factory=dict)  # RandomAugment's settings (RandomAugment.KEYS)
     threads: int = 0
+    findings: list[str] = field(default_factory=list)  # multi-label: the findings (= labels); [] = single-label
+    positive_weights: list[float] = field(default_factory=list)  # multi-label: a known positive's weight per finding
+
+    @property
+    def multi(self) -> bool:
+        """Multi-label: targets and masks per finding, the masked binary cross-entropy."""
+        return bool(self.findings)
+
+    @property
+    def outputs(self) -> int:
+        """The head's outputs: one per finding, or one per class."""
+        return len(self.findings) if self.findings else len(self.labels)
 
 
 def build_network(spec: LoopSpec) -> Any:
@@ -124,7 +141,7 @@ def build_network(spec: LoopSpec) -> Any:
         def __init__(self) -> None:
             super().__init__()
             self.backbone = backbone
-            self.head = nn.Linear(spec.feature_dim, len(spec.labels))
+            self.head = nn.Linear(spec.feature_dim, spec.outputs)
 
         def forward(self, x: Any) -> Any:
             return self.head(self.backbone(x))
@@ -168,10 +185,12 @@ def set_trainable(net: Any, train_layers: str) -> list[Any]:
 
 
 def epoch_rows(files: list[str], split: str, epoch: int, seed: int, rank: int, world: int,
-               shuffle: bool) -> Iterator[tuple[int, bytes, str]]:
+               shuffle: bool, multi: bool = False) -> Iterator[tuple[int, bytes, Any]]:
     """Yield (row index in its row group, image bytes (uint8 size x size x 3), label) for this process's share of
-    ``split``, one row group in memory."""
+    ``split``, one row group in memory; ``multi``: (targets, mask) lists in place of the label."""
     import pyarrow.parquet as pq
+
+    targets = ["targets", "mask"] if multi else ["label"]
 
     groups = [(f, g) for f in files for g in range(pq.ParquetFile(f).num_row_groups)]
     rng = np.random.default_rng(derived_seed(seed, SeedPurpose.ORDER, epoch=epoch))  # the same in every process
@@ -179,14 +198,28 @@ def epoch_rows(files: list[str], split: str, epoch: int, seed: int, rank: int, w
     position = 0
     for gi in order:
         path, g = groups[gi]
-        table = pq.ParquetFile(path).read_row_group(g, columns=["image", "label", "split"])
+        table = pq.ParquetFile(path).read_row_group(g, columns=["image", *targets, "split"])
         keep = [i for i, s in enumerate(table.column("split").to_pylist()) if s == split]
         inner = rng.permutation(len(keep)) if shuffle else np.arange(len(keep))
-        images, labels = table.column("image"), table.column("label").to_pylist()
+        images = table.column("image")
+        labels = (list(zip(table.column("targets").to_pylist(), table.column("mask").to_pylist(), strict=True)) if multi
+                  else table.column("label").to_pylist())
         for j in inner:
             if position % world == rank:
                 yield keep[j], images[keep[j]].as_py(), labels[keep[j]]
             position += 1
+
+
+def split_column(files: list[str], split: str, column: str) -> list[Any]:
+    """``column``'s values for the rows of ``split``, in the order ``epoch_rows(..., shuffle=False)`` yields them."""
+    import pyarrow.parquet as pq
+
+    out: list[Any] = []
+    for f in files:
+        table = pq.read_table(f, columns=[column, "split"])
+        out += [v for v, s in zip(table.column(column).to_pylist(), table.column("split").to_pylist(), strict=True)
+                if s == split]
+    return out
 
 
 def count_rows(files: list[str], split: str) -> int:
@@ -257,46 +290,106 @@ class RandomAugment:
         return ((x - mean) * d["contrast"] + mean + d["brightness"]).clamp(0, 255)
 
 
-def _batches(rows: Any, labels: list[str], batch_size: int, size: int, limit: float) -> Iterator[tuple[Any, Any]]:
+def _batches(rows: Any, labels: list[str], batch_size: int, size: int, limit: float,
+             multi: bool = False) -> Iterator[tuple[Any, Any]]:
     """(uint8 images (n, size, size, 3), label indices) batches of ``rows``: at most ``limit`` full batches, or
-    every row (the last batch partial) when ``limit`` is infinite."""
+    every row (the last batch partial) when ``limit`` is infinite. ``multi``: targets and masks (n, 2, findings)
+    float32 in place of the label indices."""
     import torch
 
     index = {lab: i for i, lab in enumerate(labels)}
     xs, ys, done = [], [], 0
     for _, data, label in rows:
         xs.append(np.frombuffer(data, np.uint8).reshape(size, size, 3))
-        ys.append(index[label])
+        ys.append(label if multi else index[label])
         if len(xs) == batch_size:
-            yield torch.from_numpy(np.stack(xs)), torch.tensor(ys)
+            yield torch.from_numpy(np.stack(xs)), _target_tensor(ys, multi)
             xs, ys = [], []
             done += 1
             if done >= limit:
                 return
     if xs and limit == math.inf:
-        yield torch.from_numpy(np.stack(xs)), torch.tensor(ys)
+        yield torch.from_numpy(np.stack(xs)), _target_tensor(ys, multi)
+
+
+def _target_tensor(ys: list[Any], multi: bool) -> Any:
+    import torch
+
+    return torch.from_numpy(np.asarray(ys, dtype=np.float32)) if multi else torch.tensor(ys)
+
+
+def multi_label_loss(logits: Any, yb: Any, pos_weight: Any) -> Any:
+    """The multi-label loss of a batch: ``masked_bce`` over the known entries (``yb``: (n, 2, findings) targets and
+    masks), known positives weighted by ``pos_weight``."""
+    from imgfeat.train.finding_heads import masked_bce
+
+    return masked_bce(logits, yb[:, 0], yb[:, 1], pos_weight)
+
+
+def _positive_weights(spec: LoopSpec, device: Any) -> Any:
+    import torch
+
+    return torch.tensor(spec.positive_weights or [1.0] * spec.outputs, dtype=torch.float32, device=device)
 
 
 def evaluate(net: Any, spec: LoopSpec, split: str, device: Any) -> dict[str, Any]:
-    """Loss, accuracy and class probabilities of ``net`` on a whole split (one process)."""
+    """Loss, accuracy and class probabilities of ``net`` on a whole split (one process). Multi-label: the loss of
+    training (``multi_label_loss``, per known entry), the accuracy of the known entries at 0.5, per-finding
+    probabilities, ``y`` the targets and ``mask`` (n, findings), ``known`` the known entries."""
     import torch
 
     mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
+    pos_weight = _positive_weights(spec, device) if spec.multi else None
     net.eval()
-    ys, probs, loss_sum = [], [], 0.0
+    ys, probs, loss_sum, weight_sum = [], [], 0.0, 0.0
     with torch.inference_mode():
-        rows = epoch_rows(spec.files, split, 0, spec.seed, 0, 1, shuffle=False)
-        for xb, yb in _batches(rows, spec.labels, EVAL_BATCH_SIZE, spec.input_size, math.inf):
+        rows = epoch_rows(spec.files, split, 0, spec.seed, 0, 1, shuffle=False, multi=spec.multi)
+        for xb, yb in _batches(rows, spec.labels, EVAL_BATCH_SIZE, spec.input_size, math.inf, spec.multi):
             x = (xb.to(device).permute(0, 3, 1, 2).float() - mean) / std
-            logits = net(x).float()
-            loss_sum += float(torch.nn.functional.cross_entropy(logits, yb.to(device), reduction="sum"))
-            probs.append(torch.softmax(logits, 1).cpu().numpy())
-            ys.append(yb.numpy())
+            logits, yb = net(x).float(), yb.to(device)
+            if spec.multi:
+                known = float(yb[:, 1].sum())
+                loss_sum += float(multi_label_loss(logits, yb, pos_weight)) * known
+                weight_sum += known
+                probs.append(torch.sigmoid(logits).cpu().numpy())
+            else:
+                loss_sum += float(torch.nn.functional.cross_entropy(logits, yb, reduction="sum"))
+                weight_sum += len(yb)
+                probs.append(torch.softmax(logits, 1).cpu().numpy())
+            ys.append(yb.cpu().numpy())
+    return _split_result(spec, ys, probs, loss_sum, weight_sum)
+
+
+def _split_result(spec: LoopSpec, ys: list[np.ndarray], probs: list[np.ndarray], loss_sum: float,
+                  weight_sum: float) -> dict[str, Any]:
     if not ys:
-        return {"n": 0, "loss": float("nan"), "accuracy": float("nan"), "y": np.array([]), "proba": np.zeros((0, len(spec.labels)))}
+        empty = np.zeros((0, spec.outputs))
+        extra = {"mask": empty, "known": 0} if spec.multi else {}
+        return {"n": 0, "loss": float("nan"), "accuracy": float("nan"), "y": empty if spec.multi else np.array([]),
+                "proba": empty, **extra}
     y, proba = np.concatenate(ys), np.concatenate(probs)
-    return {"n": len(y), "loss": loss_sum / len(y), "accuracy": float((proba.argmax(1) == y).mean()), "y": y, "proba": proba}
+    if not spec.multi:
+        return {"n": len(y), "loss": loss_sum / len(y), "accuracy": float((proba.argmax(1) == y).mean()), "y": y,
+                "proba": proba}
+    target, mask = y[:, 0], y[:, 1]
+    known = mask > 0
+    accuracy = float(((proba >= 0.5) == (target > 0.5))[known].mean()) if known.any() else float("nan")
+    return {"n": len(y), "loss": loss_sum / weight_sum if weight_sum else float("nan"), "accuracy": accuracy,
+            "y": target, "mask": mask, "proba": proba, "known": int(known.sum())}
+
+
+def macro_auc(y: np.ndarray, mask: np.ndarray, proba: np.ndarray) -> float | None:
+    """The mean ROC AUC over the findings with both classes among their known entries; None without any."""
+    from sklearn.metrics import roc_auc_score
+
+    aucs = []
+    for j in range(y.shape[1]):
+        known = mask[:, j] > 0
+        positive = y[known, j] > 0.5
+        if positive.any() and not positive.all():
+            aucs.append(float(roc_auc_score(positive, proba[known, j])))
+    return float(np.mean(aucs)) if aucs else None
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
@@ -311,14 +404,20 @@ def _initial_state() -> dict[str, Any]:
     return {"epoch": -1, "history": [], "best_val_loss": math.inf, "best_epoch": -1, "bad_epochs": 0}
 
 
-def _epoch_record(epoch: int, totals: Any, val: dict[str, Any], learning_rate: float, n_labels: int) -> dict[str, Any]:
-    """One epoch's line of the history (and its MLflow metrics): training totals over all processes, validation."""
+def _epoch_record(epoch: int, totals: Any, val: dict[str, Any], learning_rate: float, n_labels: int,
+                  multi: bool = False) -> dict[str, Any]:
+    """One epoch's line of the history (and its MLflow metrics): training totals over all processes, validation
+    (multi-label: ``val_auc_macro`` over the findings with both classes)."""
     record = {"epoch": epoch, "train_loss": float(totals[0] / max(1.0, float(totals[1]))),
               "train_images": int(totals[1]), "train_seconds": float(totals[2]),
               "train_images_per_s": float(totals[1] / max(1e-9, float(totals[2]))),
               "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_images": val["n"],
               "learning_rate": learning_rate}
-    if n_labels == 2 and val["n"] and len(set(val["y"].tolist())) == 2:
+    if multi:
+        auc = macro_auc(val["y"], val["mask"], val["proba"]) if val["n"] else None
+        if auc is not None:
+            record["val_auc_macro"] = auc
+    elif n_labels == 2 and val["n"] and len(set(val["y"].tolist())) == 2:
         from sklearn.metrics import roc_auc_score
 
         record["val_auc"] = float(roc_auc_score(val["y"], val["proba"][:, 1]))
@@ -405,14 +504,18 @@ class _Loop:
             self.state = saved["state"]
 
     def _prepare_training(self) -> None:
-        """DistributedDataParallel (across processes), the weighted loss, normalisation and autocast."""
+        """DistributedDataParallel (across processes), the weighted loss (multi-label: ``multi_label_loss``),
+        normalisation and autocast."""
         import torch
         from torch.nn.parallel import DistributedDataParallel
 
         spec, device = self.spec, self.device
         self.model = DistributedDataParallel(self.net) if self.distributed else self.net
-        weight = torch.tensor(spec.class_weights, dtype=torch.float32, device=device) if spec.class_weights else None
-        self.loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
+        if spec.multi:
+            self.loss_fn = functools.partial(multi_label_loss, pos_weight=_positive_weights(spec, device))
+        else:
+            weight = torch.tensor(spec.class_weights, dtype=torch.float32, device=device) if spec.class_weights else None
+            self.loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
         self.mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
         self.autocast = torch.bfloat16 if spec.precision == "bf16" else None
@@ -460,8 +563,8 @@ class _Loop:
 
         spec = self.spec
         started, seen, loss_sum = time.perf_counter(), 0, 0.0
-        rows = epoch_rows(spec.files, "train", epoch, spec.seed, self.rank, self.world, shuffle=True)
-        for xb, yb in _batches(rows, spec.labels, spec.batch_size, spec.input_size, self.steps_per_epoch):
+        rows = epoch_rows(spec.files, "train", epoch, spec.seed, self.rank, self.world, shuffle=True, multi=spec.multi)
+        for xb, yb in _batches(rows, spec.labels, spec.batch_size, spec.input_size, self.steps_per_epoch, spec.multi):
             seen += len(yb)
             loss_sum += self._step(xb, yb) * len(yb)
         totals = torch.tensor([loss_sum, float(seen), time.perf_counter() - started], dtype=torch.float64)
@@ -478,8 +581,10 @@ class _Loop:
 
         spec, state = self.spec, self.state
         val = evaluate(self.net, spec, "val", self.device)
-        state["history"].append(_epoch_record(epoch, totals, val, float(self.scheduler.get_last_lr()[0]), len(spec.labels)))
-        if val["n"] == 0 or val["loss"] < state["best_val_loss"]:
+        state["history"].append(_epoch_record(epoch, totals, val, float(self.scheduler.get_last_lr()[0]), len(spec.labels),
+                                              spec.multi))
+        # No validation image (or, multi-label, no known validation entry): the latest epoch is the best one.
+        if val["n"] == 0 or val.get("known") == 0 or val["loss"] < state["best_val_loss"]:
             state["best_val_loss"], state["best_epoch"], state["bad_epochs"] = val["loss"], epoch, 0
             torch.save(self.net.state_dict(), os.path.join(spec.out_dir, BEST_MODEL_FILE))
         else:
