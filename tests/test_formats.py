@@ -183,6 +183,15 @@ def test_a_mixed_folder_gives_one_row_per_image_or_slice_with_metadata_and_nothi
     assert (dicom.groupby("group_id")["split"].nunique() == 1).all()  # one patient, one side
     volumes = feats[feats["slice_index"].notna()]
     assert sorted(volumes.groupby("path")["slice_index"].apply(sorted).tolist()) == [[0, 3, 6]] * 2 + [[0, 4, 8]] * 2
+    # train.pool_slices: one row per CT series and NIfTI volume, its slices' features pooled (issue 35).
+    from imgfeat.train.aggregate import pool_slices
+
+    pooled = pool_slices(spark.read.parquet(cfg.output.path), "mean").toPandas().set_index("path")
+    assert len(pooled) == len(feats) - len(volumes) + 4 and pooled["slice_index"].isna().all()
+    for path, slices in volumes.groupby("path"):
+        assert pooled.loc[path, "pooled_slices"] == 3 and pooled.loc[path, "format"] == slices["format"].iloc[0]
+        np.testing.assert_allclose(pooled.loc[path, "features"], np.mean(np.stack(slices["features"]), axis=0),
+                                   rtol=1e-5, atol=1e-6)
     assert feats[feats["format"] == "JPEG"]["modality"].isna().all()
     for column in feats.columns:  # no raw patient identifier anywhere in the table
         if feats[column].dtype == object:
