@@ -97,18 +97,24 @@ class Inflater:
                 return out
         return b""
 
-    def readinto(self, view: memoryview) -> int:
-        """Fill ``view`` with the next inflated bytes; how many there were (fewer only at the end of the stream)."""
-        filled, n = 0, len(view)
-        while filled < n:
+    def _consume(self, n: int, view: memoryview | None) -> int:
+        """Take the next ``n`` inflated bytes, copied into ``view`` when given (else dropped); how many there were
+        (fewer only at the end of the stream)."""
+        done = 0
+        while done < n:
             if not self._spare:
-                self._spare = memoryview(self._chunk(n - filled))
+                self._spare = memoryview(self._chunk(n - done))
                 if not self._spare:
                     break
-            take = min(len(self._spare), n - filled)
-            view[filled:filled + take] = self._spare[:take]
-            self._spare, filled = self._spare[take:], filled + take
-        return filled
+            take = min(len(self._spare), n - done)
+            if view is not None:
+                view[done:done + take] = self._spare[:take]
+            self._spare, done = self._spare[take:], done + take
+        return done
+
+    def readinto(self, view: memoryview) -> int:
+        """Fill ``view`` with the next inflated bytes; how many there were (fewer only at the end of the stream)."""
+        return self._consume(len(view), view)
 
     def read(self, n: int) -> bytearray:
         """The next ``n`` inflated bytes (fewer only at the end of the stream)."""
@@ -118,12 +124,4 @@ class Inflater:
 
     def skip(self, n: int) -> int:
         """Inflate and drop the next ``n`` bytes; how many there were."""
-        skipped = 0
-        while skipped < n:
-            if not self._spare:
-                self._spare = memoryview(self._chunk(n - skipped))
-                if not self._spare:
-                    break
-            take = min(len(self._spare), n - skipped)
-            self._spare, skipped = self._spare[take:], skipped + take
-        return skipped
+        return self._consume(n, None)
